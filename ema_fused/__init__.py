@@ -1,0 +1,21 @@
+"""ema_fused: a fast, drop-in exponential moving average of model weights for PyTorch.
+
+    ema = EMA(model, decay=0.9999)
+    for batch in data:
+        ...; optimizer.step()
+        ema.update()
+    with ema.average_parameters():
+        evaluate(model)
+"""
+from . import schedules
+from ._backend import BackendUnavailableError, available_backends
+from ._tracking import ModelChangedError
+from .ema import EMA
+from .ops import ema_copy_, ema_update_
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EMA", "ema_update_", "ema_copy_", "available_backends", "schedules",
+    "BackendUnavailableError", "ModelChangedError", "__version__",
+]

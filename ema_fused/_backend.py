@@ -1,0 +1,132 @@
+"""The one place that picks a kernel backend for a group of tensors on one device.
+
+Backends are tried in :data:`PREFERENCE` order by ``backend="auto"``; each can say
+why it cannot run (:meth:`Backend.not_supported_reasons`).  ``auto`` falls back
+quietly and logs its choice once; a backend asked for by name fails loudly with
+its reasons.  The environment variable ``EMA_FUSED_BACKEND`` replaces ``"auto"``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Callable, Optional, Sequence
+
+import torch
+
+log = logging.getLogger("ema_fused")
+
+#: Every backend name, fastest first; ``auto`` takes the first usable one.
+PREFERENCE = ("cuda", "triton", "cpu", "foreach")
+ENV_VAR = "EMA_FUSED_BACKEND"
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend asked for by name cannot run here; the message says why."""
+
+
+class Backend:
+    """A kernel family: ``update_``, ``copy_`` over lists of tensors on one device.
+
+    ``update_(shadows, params, weight)``: ``shadows[i] += weight * (params[i] - shadows[i])``.
+    ``copy_(dst, src, scale)``: ``dst[i] = src[i] * scale`` cast to ``dst[i].dtype``.
+    """
+
+    def __init__(self, name: str, description: str,
+                 update_: Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor], float], None],
+                 copy_: Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor], float], None],
+                 reasons: Callable[[Optional[torch.device]], list[str]]) -> None:
+        self.name = name
+        self.description = description
+        self.update_ = update_
+        self.copy_ = copy_
+        self._reasons = reasons
+
+    def not_supported_reasons(self, device: Optional[torch.device] = None) -> list[str]:
+        """Why this backend cannot run on ``device`` (or at all, for ``None``); empty if it can."""
+        return self._reasons(device)
+
+    def __repr__(self) -> str:
+        return f"Backend({self.name!r})"
+
+
+_registry: dict[str, Backend] = {}
+# Backends whose code is not in this version yet, with the reason shown to users.
+_missing: dict[str, str] = {
+    "cuda": "the C++/CUDA extension is not part of this version of ema_fused yet",
+    "triton": "the Triton kernels are not part of this version of ema_fused yet",
+    "cpu": "the C++ CPU kernels are not part of this version of ema_fused yet",
+}
+_logged: set[tuple[str, str]] = set()
+
+
+def register_backend(backend: Backend) -> None:
+    """Make ``backend`` selectable by name and by ``auto`` (in :data:`PREFERENCE` order)."""
+    if backend.name not in PREFERENCE:
+        raise ValueError(f"unknown backend name {backend.name!r}; expected one of {PREFERENCE}")
+    _registry[backend.name] = backend
+    _missing.pop(backend.name, None)
+
+
+def set_missing_reason(name: str, reason: str) -> None:
+    """Record why backend ``name`` could not be loaded (e.g. the import error)."""
+    if name not in _registry:
+        _missing[name] = reason
+
+
+def _reasons(name: str, device: Optional[torch.device]) -> list[str]:
+    if name in _registry:
+        return _registry[name].not_supported_reasons(device)
+    return [_missing.get(name, "not registered")]
+
+
+def available_backends(device: Optional[torch.device | str] = None) -> dict[str, tuple[bool, str]]:
+    """``{name: (usable, reason)}`` for every backend; ``device`` narrows the check to one device."""
+    dev = torch.device(device) if device is not None else None
+    out = {}
+    for name in PREFERENCE:
+        reasons = _reasons(name, dev)
+        if reasons:
+            out[name] = (False, "; ".join(reasons))
+        else:
+            out[name] = (True, _registry[name].description)
+    return out
+
+
+def resolve_name(requested: str) -> str:
+    """Apply ``EMA_FUSED_BACKEND`` to ``"auto"`` and check the name is known."""
+    if not isinstance(requested, str):
+        raise TypeError(f"backend must be a string, got {type(requested).__name__}")
+    name = requested.strip().lower()
+    if name == "auto":
+        name = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+        where = f" (from the environment variable {ENV_VAR})"
+    else:
+        where = ""
+    if name != "auto" and name not in PREFERENCE:
+        raise ValueError(f"unknown backend {name!r}{where}; expected 'auto' or one of "
+                         f"{', '.join(PREFERENCE)}")
+    return name
+
+
+def select(requested: str, device: torch.device) -> Backend:
+    """The backend that runs ops on ``device``: the named one, or the first usable for ``auto``."""
+    name = resolve_name(requested)
+    if name != "auto":
+        reasons = _reasons(name, device)
+        if reasons:
+            raise BackendUnavailableError(
+                f"backend {name!r} cannot run on {device}: " + "; ".join(reasons))
+        return _registry[name]
+    skipped = []
+    for candidate in PREFERENCE:
+        reasons = _reasons(candidate, device)
+        if not reasons:
+            key = (device.type, candidate)
+            if key not in _logged:
+                _logged.add(key)
+                why = "; ".join(f"{n}: {r}" for n, r in skipped) or "none skipped"
+                log.info("ema_fused: using backend %r on %s (%s)", candidate, device.type, why)
+            return _registry[candidate]
+        skipped.append((candidate, "; ".join(reasons)))
+    raise BackendUnavailableError(f"no backend can run on {device}: " +
+                                  "; ".join(f"{n}: {r}" for n, r in skipped))

@@ -1,0 +1,167 @@
+"""Which tensors of a model an EMA follows, and reading them fresh at every use.
+
+Tensors are never cached: each read goes through the owning module's
+``_parameters`` / ``_buffers`` dict (or the tensor object the user passed), so
+``model.to(...)``, ``p.data = ...`` and ``load_state_dict(assign=True)`` are
+followed and old storage is never touched.  Removed, added or reshaped tensors
+raise :class:`ModelChangedError` naming them.
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+Source = Union[nn.Module, Sequence[torch.Tensor]]
+
+
+class ModelChangedError(RuntimeError):
+    """The model no longer has the tensors the EMA was made for."""
+
+
+@dataclass
+class Entry:
+    """One distinct tensor: its state_dict name, where to read it, and how to average it."""
+    name: str
+    module_path: str  # "" for the root module, None-equivalent unused for tensor lists
+    key: str          # attribute name in the module, or the list index as a string
+    is_buffer: bool
+    averaged: bool    # True: float math; False: copied each update
+    shape: torch.Size
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+class Tracked:
+    """The distinct tensors of a module (named as in its state_dict) or of a tensor list."""
+
+    def __init__(self, source: Union[nn.Module, Iterable[torch.Tensor]], buffers: str,
+                 exclude: Sequence[str]) -> None:
+        self.module: Optional[nn.Module] = source if isinstance(source, nn.Module) else None
+        self.entries: list[Entry] = []
+        self.aliases: dict[str, int] = {}  # every name (aliases too) -> entry index
+        if self.module is not None:
+            self._from_module(self.module, buffers, exclude)
+        else:
+            self.tensors = list(source)
+            for i, t in enumerate(self.tensors):
+                if not isinstance(t, torch.Tensor):
+                    raise TypeError(f"EMA: item {i} of the parameter list is a "
+                                    f"{type(t).__name__}, not a tensor")
+                name = str(i)
+                if _matches(name, exclude):
+                    continue
+                self._add(name, "", name, False, t, {})
+        if not self.entries:
+            raise ValueError("EMA: nothing to average: no tensors left after applying "
+                             f"buffers={buffers!r} and exclude={list(exclude)!r}")
+
+    def _add(self, name, path, key, is_buffer, t, seen, averaged_buffers=True) -> None:
+        if t.is_complex():
+            raise TypeError(f"EMA: tensor {name!r} is complex ({t.dtype}); complex tensors are "
+                            "not supported, leave them out with exclude=[...]")
+        if id(t) in seen:  # tied weights, shared modules: one shadow, several names
+            self.aliases[name] = seen[id(t)]
+            return
+        seen[id(t)] = len(self.entries)
+        self.aliases[name] = len(self.entries)
+        averaged = t.is_floating_point() and averaged_buffers
+        self.entries.append(Entry(name, path, key, is_buffer, averaged, t.shape))
+
+    def _from_module(self, model: nn.Module, buffers: str, exclude: Sequence[str]) -> None:
+        param_ids = {id(p) for _, p in model.named_parameters(remove_duplicate=False)}
+        seen: dict[int, int] = {}
+        state = model.state_dict(keep_vars=True)
+        self._all_names = {n for n, t in state.items() if isinstance(t, torch.Tensor)}
+        for name, t in state.items():
+            if not isinstance(t, torch.Tensor) or _matches(name, exclude):
+                continue
+            path, _, key = name.rpartition(".")
+            owner = model.get_submodule(path)
+            is_buffer = id(t) not in param_ids
+            table = owner._buffers if is_buffer else owner._parameters
+            if table.get(key) is not t:
+                raise TypeError(f"EMA: state_dict entry {name!r} is not a parameter or buffer "
+                                "of its module (a state_dict hook changed it); exclude it")
+            if is_buffer and buffers == "ignore":
+                continue
+            self._add(name, path, key, is_buffer, t, seen,
+                      averaged_buffers=not (is_buffer and buffers == "copy"))
+        # module tree, parents first: (path, parent path, child name) and its shape
+        self._tree = [(path, *path.rpartition(".")[::2])
+                      for path, _ in model.named_modules(remove_duplicate=False) if path]
+        self._shape = self._tree_shape(self._modules_of(model))
+
+    def _modules_of(self, model: nn.Module) -> Optional[dict[str, nn.Module]]:
+        """Every module path resolved afresh through ``_modules`` (None if one is gone)."""
+        mods = {"": model}
+        for path, parent, child in self._tree:
+            owner = mods.get(parent)
+            m = owner._modules.get(child) if owner is not None else None
+            if m is None:
+                return None
+            mods[path] = m
+        return mods
+
+    @staticmethod
+    def _tree_shape(mods: dict[str, nn.Module]) -> list[tuple[int, int, int]]:
+        return [(len(m._parameters), len(m._buffers), len(m._modules)) for m in mods.values()]
+
+    def names(self) -> list[str]:
+        """Every tracked name, aliases included, in state_dict order."""
+        return list(self.aliases)
+
+    def read(self, target: Optional[Source] = None) -> list[torch.Tensor]:
+        """The current tensor of every entry, from the tracked model or from ``target``."""
+        if target is None:
+            target = self.module if self.module is not None else self.tensors
+        if isinstance(target, nn.Module):
+            if self.module is None:
+                raise TypeError("EMA: this EMA was made from a list of tensors; pass a list")
+            return self._read_module(target)
+        if self.module is not None:
+            raise TypeError(f"EMA: this EMA was made from a module; got a {type(target).__name__}")
+        tensors = list(target)
+        if len(tensors) != len(self.tensors):
+            raise ModelChangedError(f"EMA: expected {len(self.tensors)} tensors, got {len(tensors)}")
+        return self._checked([tensors[int(e.key)].detach() for e in self.entries])
+
+    def _read_module(self, model: nn.Module) -> list[torch.Tensor]:
+        mods = self._modules_of(model)
+        if mods is None or (model is self.module and self._tree_shape(mods) != self._shape):
+            self._explain_structure_change(model)
+            mods = self._modules_of(model)
+        out = []
+        for e in self.entries:
+            owner = mods.get(e.module_path) if mods is not None else None
+            t = None
+            if owner is not None:
+                t = (owner._buffers if e.is_buffer else owner._parameters).get(e.key)
+            if t is None:
+                raise ModelChangedError(f"EMA: the model has no tensor {e.name!r} any more")
+            out.append(t.detach())
+        return self._checked(out)
+
+    def _checked(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        for e, t in zip(self.entries, tensors):
+            if t.shape != e.shape:
+                raise ModelChangedError(f"EMA: tensor {e.name!r} changed shape from "
+                                        f"{tuple(e.shape)} to {tuple(t.shape)}")
+        return tensors
+
+    def _explain_structure_change(self, model: nn.Module) -> None:
+        """Raise naming what was added or removed; else accept the new tree (modules swapped)."""
+        now = {n for n, t in model.state_dict(keep_vars=True).items() if isinstance(t, torch.Tensor)}
+        added, removed = sorted(now - self._all_names), sorted(self._all_names - now)
+        if added or removed:
+            raise ModelChangedError("EMA: the model changed after the EMA was made: "
+                                    f"tensors added {added}, removed {removed}")
+        if model is self.module:
+            self._tree = [(path, *path.rpartition(".")[::2])
+                          for path, _ in model.named_modules(remove_duplicate=False) if path]
+            self._shape = self._tree_shape(self._modules_of(model))

@@ -1,0 +1,256 @@
+"""The ``EMA`` class: which tensors, which decay, when; the kernels live below ``ops``."""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from . import _backend, _checkpoint, _validate
+from ._staging import copy_across_, update_across_
+from ._tracking import Source, Tracked
+from .schedules import constant
+
+_BUFFER_POLICIES = ("ema", "copy", "ignore")
+
+
+def _positive_int(name: str, value: int, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"EMA: {name} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+class EMA:
+    """Exponential moving average of a model's weights, with FP32 master shadows.
+
+    Each :meth:`update` does ``shadow <- decay * shadow + (1 - decay) * param`` for
+    every floating-point tensor in one fused pass per device.  See the README for
+    the step rules, the schedules and the backends.
+
+    Args:
+        model_or_params: an ``nn.Module`` (parameters and buffers, named as in its
+            ``state_dict()``) or an iterable of tensors (named ``"0"``, ``"1"``, ...).
+        decay: the constant decay, used when ``schedule`` is None.
+        schedule: a callable ``n -> decay`` (see :mod:`ema_fused.schedules`).
+        update_after_step: steps ``<=`` this copy the model instead of averaging.
+        update_every: only steps divisible by this change the shadows.
+        buffers: ``"ema"`` average float buffers, ``"copy"`` copy them, ``"ignore"``.
+        dtype: shadow dtype for floating tensors (None: each tensor's own).  A
+            tensor wider than ``dtype`` (e.g. float64) raises instead of downcasting.
+        device: where the shadows live (None: beside each tensor, following it).
+        backend: ``"auto"``, ``"cuda"``, ``"triton"``, ``"cpu"`` or ``"foreach"``.
+        bias_correction: start shadows at zero and divide every read by
+            ``1 - prod(decays so far)``.
+        exclude: fnmatch patterns of tensor names to leave out entirely.
+    """
+
+    def __init__(self, model_or_params: Union[nn.Module, Iterable[torch.Tensor]],
+                 decay: float = 0.9999, *, schedule: Optional[Callable[[int], float]] = None,
+                 update_after_step: int = 0, update_every: int = 1, buffers: str = "ema",
+                 dtype: Optional[torch.dtype] = torch.float32,
+                 device: Optional[Union[torch.device, str]] = None, backend: str = "auto",
+                 bias_correction: bool = False, exclude: Sequence[str] = ()) -> None:
+        if schedule is None:
+            schedule = constant(decay)
+        elif not callable(schedule):
+            raise TypeError(f"EMA: schedule must be callable n -> decay, got {schedule!r}")
+        if buffers not in _BUFFER_POLICIES:
+            raise ValueError(f"EMA: buffers must be one of {_BUFFER_POLICIES}, got {buffers!r}")
+        if dtype is not None and dtype not in _validate.FLOAT_DTYPES:
+            raise TypeError(f"EMA: dtype must be one of {_validate.FLOAT_DTYPES} or None, "
+                            f"got {dtype}")
+        if isinstance(exclude, str):
+            exclude = (exclude,)
+        self.schedule = schedule
+        self.update_after_step = _positive_int("update_after_step", update_after_step, 0)
+        self.update_every = _positive_int("update_every", update_every, 1)
+        self.bias_correction = bool(bias_correction)
+        self._device = torch.device(device) if device is not None else None
+        self._backend_request = backend
+        _backend.resolve_name(backend)  # unknown names fail now, not at the first update
+        self._tracked = Tracked(model_or_params, buffers, tuple(exclude))
+        with torch.no_grad():
+            self._shadows = [self._make_shadow(e, t, dtype) for e, t in
+                             zip(self._tracked.entries, self._tracked.read())]
+        for dev in {s.device for s in self._shadows}:
+            _backend.select(backend, dev)  # a backend named but unusable fails now
+        self._step = 0
+        self.num_updates = 0
+        self.decay: Optional[float] = None
+        self.backend: Optional[str] = None
+        self._decay_product = 1.0
+        self._backup: Optional[list[torch.Tensor]] = None
+
+    def _make_shadow(self, entry, t: torch.Tensor, dtype) -> torch.Tensor:
+        device = self._device or t.device
+        if not entry.averaged:
+            return t.detach().to(device, copy=True)
+        if dtype is not None and not _validate.lossless(t.dtype, dtype):
+            raise TypeError(f"EMA: tensor {entry.name!r} is {t.dtype}; shadows of dtype {dtype} "
+                            "would lose precision. Pass dtype=None or a wider dtype")
+        dtype = dtype or t.dtype
+        if self.bias_correction:
+            return torch.zeros(t.shape, dtype=dtype, device=device)
+        return t.detach().to(device, dtype, copy=True)
+
+    # ------------------------------------------------------------------ update
+    def update(self, step: Optional[int] = None) -> None:
+        """Advance the average; call after each optimizer step.
+
+        ``step`` is the caller's 1-based optimizer step (default: an internal
+        counter, 1 at the first call).  Steps not divisible by ``update_every`` do
+        nothing; steps ``<= update_after_step`` copy the model; others average with
+        ``decay = schedule(step - update_after_step)``.
+        """
+        step = self._step + 1 if step is None else _positive_int("step", step, 1)
+        self._step = self.num_updates = step
+        if step % self.update_every:
+            return
+        if step <= self.update_after_step:
+            decay = 0.0
+        else:
+            decay = _validate.check_scalar(
+                "EMA", f"decay from schedule {self.schedule!r} at n={step - self.update_after_step}",
+                self.schedule(step - self.update_after_step))
+        live = self._read_following()
+        ema_s, ema_p, copy_s, copy_p = self._split(live)
+        with torch.no_grad():
+            if decay == 0.0:
+                copy_across_(ema_s, ema_p, 1.0, self._backend_request)
+            else:
+                update_across_(ema_s, ema_p, 1.0 - decay, self._backend_request)
+            for s, p in zip(copy_s, copy_p):
+                s.copy_(p)
+        self.decay = decay
+        self._decay_product *= decay
+        self.backend = self._backend_names()
+
+    def _read_following(self) -> list[torch.Tensor]:
+        """The live tensors; shadows made beside a tensor move when that tensor moved."""
+        live = self._tracked.read()
+        if self._device is None:
+            for i, (s, t) in enumerate(zip(self._shadows, live)):
+                if s.device != t.device:
+                    self._shadows[i] = s.to(t.device)
+        return live
+
+    def _split(self, live):
+        ema_s, ema_p, copy_s, copy_p = [], [], [], []
+        for e, s, t in zip(self._tracked.entries, self._shadows, live):
+            if e.averaged:
+                if not _validate.lossless(t.dtype, s.dtype):
+                    raise TypeError(f"EMA: tensor {e.name!r} is now {t.dtype} but its shadow is "
+                                    f"{s.dtype}; averaging it would lose precision")
+                ema_s.append(s)
+                ema_p.append(t)
+            else:
+                copy_s.append(s)
+                copy_p.append(t)
+        return ema_s, ema_p, copy_s, copy_p
+
+    def _backend_names(self) -> str:
+        names = {d: _backend.select(self._backend_request, d).name
+                 for d in {s.device for s, e in zip(self._shadows, self._tracked.entries)
+                           if e.averaged}}
+        if len(set(names.values())) <= 1:
+            return next(iter(names.values()), "none")
+        return ",".join(f"{d}={n}" for d, n in sorted(names.items(), key=str))
+
+    # ------------------------------------------------------------------ reads
+    def _read_scale(self) -> float:
+        if not self.bias_correction:
+            return 1.0
+        norm = 1.0 - self._decay_product
+        if norm <= 0.0:
+            raise RuntimeError("EMA: with bias_correction=True the average is undefined until "
+                               "an update with decay < 1 has run")
+        return 1.0 / norm
+
+    def named_shadows(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(name, shadow)`` for every tracked name (raw shadows, no bias correction)."""
+        for name, i in self._tracked.aliases.items():
+            yield name, self._shadows[i]
+
+    def averaged_weights(self) -> dict[str, torch.Tensor]:
+        """New tensors holding the averaged weights (bias-corrected), in the shadow dtypes."""
+        scale = self._read_scale()
+        out = {}
+        with torch.no_grad():
+            copies = [s * scale if e.averaged and scale != 1.0 else s.clone()
+                      for e, s in zip(self._tracked.entries, self._shadows)]
+        for name, i in self._tracked.aliases.items():
+            out[name] = copies[i]
+        return out
+
+    def copy_to(self, model: Optional[Source] = None) -> None:
+        """Write the averaged weights into ``model`` (default: the tracked model)."""
+        scale = self._read_scale()
+        targets = self._tracked.read(model)
+        pairs = list(zip(self._tracked.entries, targets, self._shadows))
+        with torch.no_grad():
+            copy_across_([t for e, t, _ in pairs if e.averaged],
+                         [s for e, _, s in pairs if e.averaged], scale, self._backend_request)
+            for e, t, s in pairs:
+                if not e.averaged:
+                    t.copy_(s)
+
+    def store(self, model: Optional[Source] = None) -> None:
+        """Keep a copy of the model's current tensors for :meth:`restore`."""
+        with torch.no_grad():
+            self._backup = [t.clone() for t in self._tracked.read(model)]
+
+    def restore(self, model: Optional[Source] = None) -> None:
+        """Put back the tensors saved by :meth:`store` (and forget them)."""
+        if self._backup is None:
+            raise RuntimeError("EMA.restore: nothing stored; call store() first")
+        with torch.no_grad():
+            for t, b in zip(self._tracked.read(model), self._backup):
+                t.copy_(b)
+        self._backup = None
+
+    @contextlib.contextmanager
+    def average_parameters(self, model: Optional[Source] = None) -> Iterator[None]:
+        """Evaluate with the averaged weights inside the block; the model is always restored."""
+        self.store(model)
+        try:
+            self.copy_to(model)
+            yield
+        finally:
+            self.restore(model)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """Shadows and counters; loads with ``torch.load(weights_only=True)``."""
+        return {
+            "format": _checkpoint.FORMAT, "version": _checkpoint.VERSION,
+            "shadows": {e.name: s for e, s in zip(self._tracked.entries, self._shadows)},
+            "step": self._step, "decay": self.decay,
+            "decay_product": self._decay_product, "bias_correction": self.bias_correction,
+        }
+
+    def load_state_dict(self, state_dict: dict, strict: bool = True) -> None:
+        """Load :meth:`state_dict` output; checks everything before changing anything."""
+        if state_dict.get("format") != _checkpoint.FORMAT:
+            raise ValueError("EMA.load_state_dict: not an ema_fused EMA state_dict")
+        if state_dict.get("version") != _checkpoint.VERSION:
+            raise ValueError(f"EMA.load_state_dict: version {state_dict.get('version')} is not "
+                             f"supported (this ema_fused writes {_checkpoint.VERSION})")
+        if bool(state_dict["bias_correction"]) != self.bias_correction:
+            raise ValueError("EMA.load_state_dict: the checkpoint has bias_correction="
+                             f"{state_dict['bias_correction']}, this EMA {self.bias_correction}")
+        names = [e.name for e in self._tracked.entries]
+        theirs = state_dict["shadows"]
+        pairs, missing, unexpected = _checkpoint.match_keys(names, theirs)
+        if strict and (missing or unexpected):
+            raise KeyError(f"EMA.load_state_dict: missing keys {missing}, "
+                           f"unexpected keys {unexpected}")
+        index = {n: i for i, n in enumerate(names)}
+        for name, key in pairs.items():
+            _checkpoint.check_tensor(name, theirs[key], self._shadows[index[name]])
+        with torch.no_grad():
+            for name, key in pairs.items():
+                self._shadows[index[name]].copy_(theirs[key])
+        self._step = self.num_updates = int(state_dict["step"])
+        self.decay = state_dict["decay"]
+        self._decay_product = float(state_dict["decay_product"])

@@ -1,0 +1,114 @@
+"""Functional multi-tensor ops, registered with ``torch.library``.
+
+The ops take plain lists of tensors and a Python scalar, so they are useful on
+their own (e.g. for optimizer moment buffers).  Every check runs before anything
+is written; then each device's tensors go to the backend chosen for that device.
+
+``torch.compile`` sees the registered custom ops (``torch.ops.ema_fused.update_``,
+``torch.ops.ema_fused.copy_``).  Eager calls skip the custom-op dispatcher and run
+the same implementation directly: its per-tensor bookkeeping cost about 300 us
+per call for 500 tensors on the project's CPU machine (532 us vs 233 us for the
+raw ``_foreach_lerp_``), which is more than the update itself for small tensors.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from . import _backend, _validate
+from . import fallback as _fallback  # noqa: F401  (registers the "foreach" backend)
+
+Tensors = Sequence[torch.Tensor]
+
+
+def _by_device(a: Tensors, b: Tensors) -> dict[torch.device, tuple[list, list]]:
+    groups: dict[torch.device, tuple[list, list]] = {}
+    for x, y in zip(a, b):
+        ga, gb = groups.setdefault(x.device, ([], []))
+        ga.append(x)
+        gb.append(y)
+    return groups
+
+
+def _dispatch(kind: str, a: Tensors, b: Tensors, scalar: float, backend: str) -> None:
+    """Pick a backend per device (all before writing), then run ``kind`` on each group."""
+    groups = _by_device(a, b)
+    chosen = [(_backend.select(backend, dev), ga, gb) for dev, (ga, gb) in groups.items()]
+    with torch.no_grad():  # params that require grad must not make the shadows part of a graph
+        for impl, ga, gb in chosen:
+            fn: Callable = impl.update_ if kind == "update" else impl.copy_
+            fn(ga, gb, scalar)
+
+
+def _check_update(shadows: Tensors, params: Tensors, weight: float) -> float:
+    weight = _validate.check_scalar("ema_update_", "weight", weight)
+    _validate.check_pairs("ema_update_", "shadows", shadows, "params", params)
+    _validate.check_writable("ema_update_", "shadows", shadows)
+    return weight
+
+
+def _check_copy(dst: Tensors, src: Tensors, scale: float) -> float:
+    scale = _validate.check_scalar("ema_copy_", "scale", scale, 0.0, float("inf"))
+    _validate.check_pairs("ema_copy_", "dst", dst, "src", src)
+    _validate.check_writable("ema_copy_", "dst", dst)
+    return scale
+
+
+@torch.library.custom_op("ema_fused::update_", mutates_args={"shadows"})
+def _update_op(shadows: list[torch.Tensor], params: list[torch.Tensor], weight: float,
+               backend: str) -> None:
+    weight = _check_update(shadows, params, weight)
+    _dispatch("update", shadows, params, weight, backend)
+
+
+@_update_op.register_fake
+def _update_fake(shadows, params, weight, backend) -> None:
+    _check_update(shadows, params, weight)
+
+
+@torch.library.custom_op("ema_fused::copy_", mutates_args={"dst"})
+def _copy_op(dst: list[torch.Tensor], src: list[torch.Tensor], scale: float, backend: str) -> None:
+    scale = _check_copy(dst, src, scale)
+    _dispatch("copy", dst, src, scale, backend)
+
+
+@_copy_op.register_fake
+def _copy_fake(dst, src, scale, backend) -> None:
+    _check_copy(dst, src, scale)
+
+
+def ema_update_(shadows: Tensors, params: Tensors, weight: float, *, backend: str = "auto") -> None:
+    """In place, for every i: ``shadows[i] += weight * (params[i] - shadows[i])``.
+
+    With ``weight = 1 - decay`` this is one EMA step.  Shadows and params may be
+    float32/bfloat16/float16/float64 in any pairing; the math runs in at least fp32
+    and rounds once into the shadow's dtype.  Pairs must match in shape and device.
+    Raises (naming the tensor index) before writing anything if an input is bad.
+
+    Args:
+        shadows: tensors updated in place.
+        params: tensors read, one per shadow.
+        weight: a Python number in [0, 1]; 0 leaves the shadows, 1 copies the params.
+        backend: ``"auto"`` or one of ``"cuda"``, ``"triton"``, ``"cpu"``, ``"foreach"``.
+    """
+    shadows, params = list(shadows), list(params)
+    if torch.compiler.is_compiling():
+        torch.ops.ema_fused.update_(shadows, params, weight, backend)
+        return
+    weight = _check_update(shadows, params, weight)
+    _dispatch("update", shadows, params, weight, backend)
+
+
+def ema_copy_(dst: Tensors, src: Tensors, scale: float = 1.0, *, backend: str = "auto") -> None:
+    """In place, for every i: ``dst[i] = src[i] * scale`` rounded once into ``dst[i].dtype``.
+
+    Used to write (bias-corrected) shadows into a model.  Same checks as
+    :func:`ema_update_`; ``scale`` must be a finite number >= 0.
+    """
+    dst, src = list(dst), list(src)
+    if torch.compiler.is_compiling():
+        torch.ops.ema_fused.copy_(dst, src, scale, backend)
+        return
+    scale = _check_copy(dst, src, scale)
+    _dispatch("copy", dst, src, scale, backend)

@@ -1,0 +1,72 @@
+"""Backend choice: auto falls back quietly, a name fails loudly, the env var steers auto."""
+from __future__ import annotations
+
+import logging
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ema_fused import BackendUnavailableError, EMA, available_backends, ema_update_
+from ema_fused import _backend
+
+
+def test_available_backends_lists_all_four_with_reasons():
+    info = available_backends()
+    assert list(info) == ["cuda", "triton", "cpu", "foreach"]
+    for name, (usable, reason) in info.items():
+        assert isinstance(usable, bool) and isinstance(reason, str) and reason
+    assert info["foreach"][0] is True
+
+
+def test_auto_picks_the_first_usable_and_logs_once(caplog):
+    _backend._logged.clear()
+    with caplog.at_level(logging.INFO, logger="ema_fused"):
+        assert _backend.select("auto", torch.device("cpu")).name == "foreach"
+        assert _backend.select("auto", torch.device("cpu")).name == "foreach"
+    lines = [r.getMessage() for r in caplog.records if "using backend" in r.getMessage()]
+    assert len(lines) == 1
+    assert "'foreach'" in lines[0] and "triton:" in lines[0]  # says why the others were skipped
+
+
+@pytest.mark.parametrize("name", ["cuda", "triton", "cpu"])
+def test_named_unusable_backend_fails_loudly_with_the_reason(name):
+    usable, reason = available_backends("cpu")[name]
+    if usable:
+        pytest.skip(f"{name} is usable here")
+    with pytest.raises(BackendUnavailableError, match=re.escape(reason.split(";")[0][:40])):
+        ema_update_([torch.zeros(2)], [torch.ones(2)], 0.5, backend=name)
+    with pytest.raises(BackendUnavailableError):
+        EMA(torch.nn.Linear(2, 2), backend=name)
+
+
+def test_env_var_replaces_auto(monkeypatch):
+    monkeypatch.setenv("EMA_FUSED_BACKEND", "foreach")
+    s = torch.zeros(3)
+    ema_update_([s], [torch.ones(3)], 0.5)
+    assert torch.equal(s, torch.full((3,), 0.5))
+    monkeypatch.setenv("EMA_FUSED_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="EMA_FUSED_BACKEND"):
+        ema_update_([s], [torch.ones(3)], 0.5)
+    if not available_backends("cpu")["triton"][0]:
+        monkeypatch.setenv("EMA_FUSED_BACKEND", "triton")
+        with pytest.raises(BackendUnavailableError):
+            ema_update_([s], [torch.ones(3)], 0.5)
+    # an explicit name wins over the environment
+    ema_update_([s], [torch.ones(3)], 0.5, backend="foreach")
+    assert torch.equal(s, torch.full((3,), 0.75))
+
+
+def test_registering_an_unknown_name_is_refused():
+    with pytest.raises(ValueError, match="unknown backend name"):
+        _backend.register_backend(_backend.Backend("fast", "", None, None, lambda d: []))
+
+
+def test_python_m_ema_fused_reports_every_backend():
+    out = subprocess.run([sys.executable, "-m", "ema_fused"], capture_output=True, text=True,
+                         check=True).stdout
+    assert f"torch     {torch.__version__}" in out
+    for name, (usable, reason) in available_backends("cpu").items():
+        assert f"cpu   {name:<8} {'usable' if usable else 'not usable'}: {reason}" in out

@@ -1,0 +1,121 @@
+"""The functional ops ``ema_update_`` / ``ema_copy_`` against float64 references."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from ema_fused import ema_copy_, ema_update_
+from ema_fused import fallback
+
+from conftest import ALL_DTYPES, assert_rounded_close, compute_dtype, lerp_reference, rand
+
+PAIRS = list(itertools.product(ALL_DTYPES, ALL_DTYPES))
+SIZES = (0, 1, 7, 4097, 278011)
+
+
+def _check_update(shadows, params, weight, backend="auto"):
+    before = [s.clone() for s in shadows]
+    exact = [lerp_reference(s, p, weight) for s, p in zip(shadows, params)]
+    ema_update_(shadows, params, weight, backend=backend)
+    for s, b, p, e in zip(shadows, before, params, exact):
+        mag = b.double().abs() + p.double().abs()
+        assert_rounded_close(s, e, mag, compute_dtype(s.dtype, p.dtype))
+
+
+@pytest.mark.parametrize("sd,pd", PAIRS, ids=[f"{a}-{b}".replace("torch.", "") for a, b in PAIRS])
+@pytest.mark.parametrize("weight", [0.3, 1e-4, 0.9999])
+def test_update_every_dtype_pair_and_size(sd, pd, weight):
+    gen = torch.Generator().manual_seed(hash((sd, pd, weight)) % 2**31)
+    shadows = [rand(n, sd, gen) for n in SIZES]
+    params = [rand(n, pd, gen) for n in SIZES]
+    _check_update(shadows, params, weight, backend="foreach")
+
+
+@pytest.mark.parametrize("count", [1, 63, 64, 65, 111, 500])
+def test_update_many_tensors_of_mixed_dtypes(count):
+    gen = torch.Generator().manual_seed(count)
+    shapes = [tuple(torch.randint(1, 9, (int(torch.randint(1, 4, (1,), generator=gen)),),
+                                  generator=gen).tolist()) for _ in range(count)]
+    dts = [PAIRS[int(i)] for i in torch.randint(0, len(PAIRS), (count,), generator=gen)]
+    shadows = [rand(sh, sd, gen) for sh, (sd, _) in zip(shapes, dts)]
+    params = [rand(sh, pd, gen) for sh, (_, pd) in zip(shapes, dts)]
+    _check_update(shadows, params, 0.25)
+
+
+def test_update_chunks_mixed_pairs_beyond_the_chunk_size(monkeypatch):
+    monkeypatch.setattr(fallback, "CHUNK_BYTES", 4096)  # many chunks, one oversized tensor
+    gen = torch.Generator().manual_seed(1)
+    sizes = [100, 1000, 3000, 1, 0, 5000, 17]
+    for sd, pd in [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32),
+                   (torch.float16, torch.bfloat16)]:
+        _check_update([rand(n, sd, gen) for n in sizes], [rand(n, pd, gen) for n in sizes], 0.1)
+
+
+VIEWS = {
+    "offset-2d": lambda t: t[1:, 3:],
+    "transposed": lambda t: t.t()[5:9],
+    "strided": lambda t: t[::3, ::2],
+    "misaligned-1d": lambda t: t.view(-1)[1:500],
+}
+
+
+@pytest.mark.parametrize("view", VIEWS)
+@pytest.mark.parametrize("contiguous_param", [True, False])
+def test_update_views_write_only_their_elements(view, contiguous_param):
+    gen = torch.Generator().manual_seed(2)
+    base = rand((37, 41), torch.float32, gen)
+    before = base.clone()
+    shadow = VIEWS[view](base)
+    if contiguous_param:
+        param = rand(shadow.shape, torch.bfloat16, gen)
+    else:  # a strided view of a bigger tensor
+        param = rand(tuple(2 * n for n in shadow.shape), torch.bfloat16, gen)[
+            tuple(slice(None, None, 2) for _ in shadow.shape)]
+        assert not param.is_contiguous()
+    _check_update([shadow], [param], 0.5)
+    outside = torch.ones_like(base, dtype=torch.bool)
+    VIEWS[view](outside).fill_(False)
+    assert torch.equal(base[outside], before[outside]), "wrote outside the view"
+    assert not torch.equal(base, before)
+
+
+def test_weight_zero_and_one():
+    gen = torch.Generator().manual_seed(3)
+    s = rand(33, torch.float32, gen)
+    p = rand(33, torch.bfloat16, gen)
+    keep = s.clone()
+    ema_update_([s], [p], 0.0)
+    assert torch.equal(s, keep)
+    ema_update_([s], [p], 1.0)
+    assert torch.equal(s, p.float())
+
+
+def test_empty_lists_and_empty_tensors():
+    ema_update_([], [], 0.5)
+    ema_copy_([], [], 2.0)
+    s = torch.empty(0, 3)
+    ema_update_([s], [torch.empty(0, 3, dtype=torch.bfloat16)], 0.5)
+    assert s.shape == (0, 3)
+
+
+@pytest.mark.parametrize("dd,sd", PAIRS, ids=[f"{a}-{b}".replace("torch.", "") for a, b in PAIRS])
+@pytest.mark.parametrize("scale", [1.0, 1.7])
+def test_copy_every_dtype_pair(dd, sd, scale):
+    gen = torch.Generator().manual_seed(hash((dd, sd, scale)) % 2**31)
+    src = [rand(n, sd, gen) for n in SIZES]
+    dst = [rand(n, dd, gen) for n in SIZES]
+    ema_copy_(dst, src, scale)
+    for d, s in zip(dst, src):
+        exact = s.double() * scale
+        assert_rounded_close(d, exact, exact.abs(), compute_dtype(d.dtype, s.dtype))
+
+
+def test_copy_into_non_contiguous_destination():
+    gen = torch.Generator().manual_seed(4)
+    base = torch.zeros(20, 30, dtype=torch.bfloat16)
+    src = rand((30, 10), torch.float32, gen)
+    ema_copy_([base[:10].t()], [src], 0.5)
+    assert torch.equal(base[:10].t(), (src * 0.5).bfloat16())
+    assert not bool(base[10:].any())
