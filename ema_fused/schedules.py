@@ -138,10 +138,13 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
 
 
 class karras_power(Schedule):
-    """``decay(n) = (1 - 1/n) ** (1 + gamma)``: the power-function EMA of EDM2 (ema-pytorch KarrasEMA).
+    """``decay(n) = (1 - 1/n) ** (1 + gamma)``: the power-function EMA of EDM2.
 
     Give either ``gamma`` (> -1) or ``sigma_rel`` (converted with :func:`sigma_rel_to_gamma`).
-    ``decay(1) = 0``: the first update copies the model.
+    ``decay(1) = 0``: the first update copies the model.  ema-pytorch's ``KarrasEMA``
+    counts the weights at its first call as sample 1 and uses ``n = k + 1`` at its
+    k-th update: ``EMA(m, schedule=karras_power(...)).update(step=k + 1)`` matches it
+    when the EMA is made just before training starts.
     """
 
     def __init__(self, gamma: float | None = None, sigma_rel: float | None = None) -> None:
