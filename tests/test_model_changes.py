@@ -1,0 +1,114 @@
+"""A model changed after the EMA was made: follow new storage, or fail naming the tensor."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from ema_fused import EMA, ModelChangedError
+
+from test_ema import make_model
+
+
+def _shadow(ema, name):
+    return dict(ema.named_shadows())[name]
+
+
+def test_added_parameter_is_named():
+    model = make_model()
+    ema = EMA(model)
+    model[3].extra = nn.Parameter(torch.zeros(2))
+    with pytest.raises(ModelChangedError, match=r"added \['3.extra'\]"):
+        ema.update()
+
+
+def test_added_submodule_is_named():
+    model = make_model()
+    ema = EMA(model)
+    model.append(nn.Linear(5, 2))
+    with pytest.raises(ModelChangedError, match=r"added \['4.bias', '4.weight'\]"):
+        ema.update()
+
+
+def test_removed_tensor_is_named():
+    model = make_model()
+    ema = EMA(model)
+    del model[0].bias
+    model[0].register_parameter("bias", None)
+    with pytest.raises(ModelChangedError, match=r"0.bias"):
+        ema.update()
+
+
+def test_reshaped_tensor_is_named_with_both_shapes():
+    model = make_model()
+    ema = EMA(model)
+    before = {n: s.clone() for n, s in ema.named_shadows()}
+    model[3].weight.data = torch.zeros(5, 14)
+    with pytest.raises(ModelChangedError, match=r"'3.weight' changed shape from \(5, 13\) to \(5, 14\)"):
+        ema.update()
+    assert all(torch.equal(s, before[n]) for n, s in ema.named_shadows())
+
+
+def test_replaced_storage_is_followed():
+    model = make_model()
+    ema = EMA(model, decay=0.5)
+    old = model[0].weight.data
+    model[0].weight.data = torch.full_like(old, 3.0)  # p.data = ...
+    old.fill_(-100.0)  # writing the old storage must not matter
+    start = _shadow(ema, "0.weight").clone()
+    ema.update()
+    torch.testing.assert_close(_shadow(ema, "0.weight"), 0.5 * start + 1.5)
+    ema.copy_to()
+    assert bool((old == -100.0).all())  # copy_to wrote the new storage, not the old one
+
+
+def test_load_state_dict_assign_is_followed():
+    model = make_model()
+    ema = EMA(model, decay=0.5)
+    start = _shadow(ema, "3.bias").clone()
+    new = {k: torch.ones_like(v) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    model.load_state_dict(new, assign=True)
+    ema.update()
+    torch.testing.assert_close(_shadow(ema, "3.bias"), 0.5 * start + 0.5)
+
+
+def test_model_to_dtype_is_followed_without_downcasting_shadows():
+    model = make_model()
+    ema = EMA(model, decay=0.5)
+    start = _shadow(ema, "0.weight").clone()
+    model.to(torch.bfloat16)
+    ema.update()
+    s = _shadow(ema, "0.weight")
+    assert s.dtype == torch.float32
+    torch.testing.assert_close(s, 0.5 * start + 0.5 * model[0].weight.float(), rtol=0, atol=1e-7)
+    ema.copy_to()
+    assert model[0].weight.dtype == torch.bfloat16
+
+
+def test_model_widened_beyond_shadow_dtype_fails_clearly():
+    model = make_model(torch.bfloat16)
+    ema = EMA(model, dtype=None)
+    model.to(torch.float32)
+    with pytest.raises(TypeError, match=r"'0.weight' is now torch.float32 but its shadow is torch.bfloat16"):
+        ema.update()
+
+
+def test_swapped_submodule_of_same_shape_is_followed():
+    model = make_model()
+    ema = EMA(model, decay=0.5)
+    start = _shadow(ema, "3.weight").clone()
+    model[3] = nn.Linear(13, 5)
+    with torch.no_grad():
+        model[3].weight.fill_(2.0)
+    ema.update()
+    torch.testing.assert_close(_shadow(ema, "3.weight"), 0.5 * start + 1.0)
+
+
+def test_list_ema_follows_tensor_objects():
+    w = nn.Parameter(torch.zeros(3))
+    ema = EMA([w], decay=0.5)
+    w.data = torch.ones(3)
+    ema.update()
+    torch.testing.assert_close(_shadow(ema, "0"), torch.full((3,), 0.5))
+    with pytest.raises(ModelChangedError, match="expected 1 tensors, got 2"):
+        ema.copy_to([w, w])
