@@ -78,6 +78,19 @@ def _copy_fake(dst, src, scale, backend) -> None:
     _check_copy(dst, src, scale)
 
 
+_CHECKS = {"update": _check_update, "copy": _check_copy}
+
+
+def _run(kind: str, a: Tensors, b: Tensors, scalar: float, backend: str) -> None:
+    """Eager: check, then dispatch.  Under torch.compile: go through the registered op."""
+    a, b = list(a), list(b)
+    if torch.compiler.is_compiling():
+        getattr(torch.ops.ema_fused, kind + "_")(a, b, scalar, backend)
+        return
+    scalar = _CHECKS[kind](a, b, scalar)
+    _dispatch(kind, a, b, scalar, backend)
+
+
 def ema_update_(shadows: Tensors, params: Tensors, weight: float, *, backend: str = "auto") -> None:
     """In place, for every i: ``shadows[i] += weight * (params[i] - shadows[i])``.
 
@@ -92,12 +105,7 @@ def ema_update_(shadows: Tensors, params: Tensors, weight: float, *, backend: st
         weight: a Python number in [0, 1]; 0 leaves the shadows, 1 copies the params.
         backend: ``"auto"`` or one of ``"cuda"``, ``"triton"``, ``"cpu"``, ``"foreach"``.
     """
-    shadows, params = list(shadows), list(params)
-    if torch.compiler.is_compiling():
-        torch.ops.ema_fused.update_(shadows, params, weight, backend)
-        return
-    weight = _check_update(shadows, params, weight)
-    _dispatch("update", shadows, params, weight, backend)
+    _run("update", shadows, params, weight, backend)
 
 
 def ema_copy_(dst: Tensors, src: Tensors, scale: float = 1.0, *, backend: str = "auto") -> None:
@@ -106,9 +114,4 @@ def ema_copy_(dst: Tensors, src: Tensors, scale: float = 1.0, *, backend: str = 
     Used to write (bias-corrected) shadows into a model.  Same checks as
     :func:`ema_update_`; ``scale`` must be a finite number >= 0.
     """
-    dst, src = list(dst), list(src)
-    if torch.compiler.is_compiling():
-        torch.ops.ema_fused.copy_(dst, src, scale, backend)
-        return
-    scale = _check_copy(dst, src, scale)
-    _dispatch("copy", dst, src, scale, backend)
+    _run("copy", dst, src, scale, backend)
