@@ -1,20 +1,20 @@
 """Run the ops when the two sides live on different devices (e.g. shadows on the CPU).
 
 Same-device pairs go straight to the op.  Cross-device sources are moved to the
-destination's device in chunks of at most ``fallback.CHUNK_BYTES`` (in the
-source's own dtype, so a bf16 model moves 2 bytes per element), which bounds the
-extra memory of one call.
+destination's device in pieces of at most :data:`STAGE_ELEMENTS` elements (in the
+source's own dtype, so a bf16 model moves 2 bytes per element; large tensors are
+cut along dim 0), which bounds the extra memory of one call to 64 MiB for fp32.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 
-from .fallback import CHUNK_BYTES
+from .fallback import pieces
 from .ops import ema_copy_, ema_update_
 
-Op = Callable[..., None]
+STAGE_ELEMENTS = 1 << 24
 
 
 def _staged(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> Iterator[tuple[list, list]]:
@@ -27,17 +27,8 @@ def _staged(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> Iterato
             far.append((d, s))
     if local_d:
         yield local_d, local_s
-    chunk_d, chunk_s, size = [], [], 0
-    for d, s in far:
-        nbytes = s.numel() * s.element_size()
-        if chunk_d and size + nbytes > CHUNK_BYTES:
-            yield chunk_d, chunk_s
-            chunk_d, chunk_s, size = [], [], 0
-        chunk_d.append(d)
-        chunk_s.append(s.to(d.device))
-        size += nbytes
-    if chunk_d:
-        yield chunk_d, chunk_s
+    for piece in pieces(far, STAGE_ELEMENTS):
+        yield [d for d, _ in piece], [s.to(d.device) for d, s in piece]
 
 
 def update_across_(shadows: Sequence[torch.Tensor], params: Sequence[torch.Tensor],

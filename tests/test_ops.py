@@ -45,13 +45,34 @@ def test_update_many_tensors_of_mixed_dtypes(count):
     _check_update(shadows, params, 0.25)
 
 
-def test_update_chunks_mixed_pairs_beyond_the_chunk_size(monkeypatch):
-    monkeypatch.setattr(fallback, "CHUNK_BYTES", 4096)  # many chunks, one oversized tensor
+def test_update_in_pieces_smaller_than_the_tensors(monkeypatch):
+    monkeypatch.setattr(fallback, "CPU_PIECE", 64)  # many pieces, rows cut, oversized rows
     gen = torch.Generator().manual_seed(1)
-    sizes = [100, 1000, 3000, 1, 0, 5000, 17]
+    shapes = [(100,), (10, 33), (3000,), (1,), (0,), (2, 500), (17,), (), (7, 9, 11)]
     for sd, pd in [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32),
                    (torch.float16, torch.bfloat16)]:
-        _check_update([rand(n, sd, gen) for n in sizes], [rand(n, pd, gen) for n in sizes], 0.1)
+        _check_update([rand(n, sd, gen) for n in shapes], [rand(n, pd, gen) for n in shapes], 0.1)
+        dst = [rand(n, sd, gen) for n in shapes]
+        src = [rand(n, pd, gen) for n in shapes]
+        ema_copy_(dst, src, 0.5)
+        for d, s in zip(dst, src):
+            exact = s.double() * 0.5
+            assert_rounded_close(d, exact, exact.abs(), compute_dtype(d.dtype, s.dtype))
+
+
+def test_pieces_cover_every_element_once():
+    a = torch.arange(5 * 7 * 3).view(5, 7, 3).transpose(0, 1)  # non-contiguous
+    pairs = [(a, a.clone()), (torch.zeros(4), torch.zeros(4)), (torch.zeros(()), torch.zeros(()))]
+    seen = torch.zeros(a.numel(), dtype=torch.int64)
+    for budget in (1, 10, 20, 1000):
+        seen.zero_()
+        for piece in fallback.pieces(pairs, budget):
+            assert sum(x.numel() for x, _ in piece) <= max(budget, 15)
+            for x, y in piece:
+                assert x.shape == y.shape
+                if x.numel() and x.dim() == 3:
+                    seen[x.reshape(-1)] += 1
+        assert bool((seen == 1).all())
 
 
 VIEWS = {
