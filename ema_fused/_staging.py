@@ -12,7 +12,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .fallback import pieces
-from .ops import ema_copy_, ema_update_
+from .ops import dispatch
 
 STAGE_ELEMENTS = 1 << 24
 
@@ -33,13 +33,13 @@ def _staged(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> Iterato
 
 def update_across_(shadows: Sequence[torch.Tensor], params: Sequence[torch.Tensor],
                    weight: float, backend: str) -> None:
-    """:func:`ema_update_` for pairs that may sit on different devices."""
+    """``ema_update_`` for checked pairs that may sit on different devices."""
     for s, p in _staged(shadows, params):
-        ema_update_(s, p, weight, backend=backend)
+        dispatch("update", s, p, weight, backend)
 
 
 def copy_across_(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor],
                  scale: float, backend: str) -> None:
-    """:func:`ema_copy_` for pairs that may sit on different devices."""
+    """``ema_copy_`` for checked pairs that may sit on different devices."""
     for d, s in _staged(dst, src):
-        ema_copy_(d, s, scale, backend=backend)
+        dispatch("copy", d, s, scale, backend)

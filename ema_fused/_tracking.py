@@ -117,7 +117,10 @@ class Tracked:
         return list(self.aliases)
 
     def read(self, target: Optional[Source] = None) -> list[torch.Tensor]:
-        """The current tensor of every entry, from the tracked model or from ``target``."""
+        """The current tensor of every entry, from the tracked model or from ``target``.
+
+        Parameters come back as they are (not detached): use them under ``torch.no_grad()``.
+        """
         if target is None:
             target = self.module if self.module is not None else self.tensors
         if isinstance(target, nn.Module):
@@ -129,7 +132,7 @@ class Tracked:
         tensors = list(target)
         if len(tensors) != len(self.tensors):
             raise ModelChangedError(f"EMA: expected {len(self.tensors)} tensors, got {len(tensors)}")
-        return self._checked([tensors[int(e.key)].detach() for e in self.entries])
+        return self._checked([tensors[int(e.key)] for e in self.entries])
 
     def _read_module(self, model: nn.Module) -> list[torch.Tensor]:
         mods = self._modules_of(model)
@@ -144,7 +147,7 @@ class Tracked:
                 t = (owner._buffers if e.is_buffer else owner._parameters).get(e.key)
             if t is None:
                 raise ModelChangedError(f"EMA: the model has no tensor {e.name!r} any more")
-            out.append(t.detach())
+            out.append(t)
         return self._checked(out)
 
     def _checked(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -31,8 +31,12 @@ def _by_device(a: Tensors, b: Tensors) -> dict[torch.device, tuple[list, list]]:
     return groups
 
 
-def _dispatch(kind: str, a: Tensors, b: Tensors, scalar: float, backend: str) -> None:
-    """Pick a backend per device (all before writing), then run ``kind`` on each group."""
+def dispatch(kind: str, a: Tensors, b: Tensors, scalar: float, backend: str) -> None:
+    """Pick a backend per device (all before writing), then run ``kind`` on each group.
+
+    No input checks: for callers that already hold checked inputs (``EMA`` makes its
+    shadows itself and checks each model tensor's shape and dtype as it reads it).
+    """
     groups = _by_device(a, b)
     chosen = [(_backend.select(backend, dev), ga, gb) for dev, (ga, gb) in groups.items()]
     with torch.no_grad():  # params that require grad must not make the shadows part of a graph
@@ -59,7 +63,7 @@ def _check_copy(dst: Tensors, src: Tensors, scale: float) -> float:
 def _update_op(shadows: list[torch.Tensor], params: list[torch.Tensor], weight: float,
                backend: str) -> None:
     weight = _check_update(shadows, params, weight)
-    _dispatch("update", shadows, params, weight, backend)
+    dispatch("update", shadows, params, weight, backend)
 
 
 @_update_op.register_fake
@@ -70,7 +74,7 @@ def _update_fake(shadows, params, weight, backend) -> None:
 @torch.library.custom_op("ema_fused::copy_", mutates_args={"dst"})
 def _copy_op(dst: list[torch.Tensor], src: list[torch.Tensor], scale: float, backend: str) -> None:
     scale = _check_copy(dst, src, scale)
-    _dispatch("copy", dst, src, scale, backend)
+    dispatch("copy", dst, src, scale, backend)
 
 
 @_copy_op.register_fake
@@ -88,7 +92,7 @@ def _run(kind: str, a: Tensors, b: Tensors, scalar: float, backend: str) -> None
         getattr(torch.ops.ema_fused, kind + "_")(a, b, scalar, backend)
         return
     scalar = _CHECKS[kind](a, b, scalar)
-    _dispatch(kind, a, b, scalar, backend)
+    dispatch(kind, a, b, scalar, backend)
 
 
 def ema_update_(shadows: Tensors, params: Tensors, weight: float, *, backend: str = "auto") -> None:
