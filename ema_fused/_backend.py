@@ -34,8 +34,12 @@ class Backend:
     def __init__(self, name: str, description: str,
                  update_: Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor], float], None],
                  copy_: Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor], float], None],
-                 reasons: Callable[[Optional[torch.device]], list[str]]) -> None:
+                 reasons: Callable[[Optional[torch.device]], list[str]],
+                 auto_device_types: Optional[tuple[str, ...]] = None) -> None:
         self.name = name
+        # device types where ``auto`` may take it (None: wherever it can run); the
+        # Triton interpreter can run on the CPU, but only a test would want that
+        self.auto_device_types = auto_device_types
         self.description = description
         self.update_ = update_
         self.copy_ = copy_
@@ -120,6 +124,9 @@ def select(requested: str, device: torch.device) -> Backend:
     skipped = []
     for candidate in PREFERENCE:
         reasons = _reasons(candidate, device)
+        auto_types = getattr(_registry.get(candidate), "auto_device_types", None)
+        if not reasons and auto_types is not None and device.type not in auto_types:
+            reasons = [f"auto uses it only on {', '.join(auto_types)}; ask for it by name"]
         if not reasons:
             key = (device.type, candidate)
             if key not in _logged:

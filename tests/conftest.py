@@ -1,8 +1,15 @@
 """Shared helpers: float64 references, error bounds, and random tensors."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Without a GPU, run the Triton kernels through Triton's interpreter.  It must be set
+# before ema_fused's kernels are imported (they are imported on first use).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ALL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 

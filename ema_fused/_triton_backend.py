@@ -1,0 +1,91 @@
+"""Registers the ``triton`` backend; the kernels are imported only when first needed.
+
+``auto`` takes it for CUDA tensors when Triton imports and compiles.  On the CPU it
+runs only through Triton's interpreter (``TRITON_INTERPRET=1`` set before the kernels
+are imported), and only when asked for by name: that is how the tests check the
+kernels without a GPU.  Pairs the kernels do not take (float64, non-contiguous) go
+to the ``foreach`` code in the same call, so a request never fails on them.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Optional, Sequence
+
+import torch
+
+from . import fallback
+from ._backend import Backend, register_backend
+
+_kernels = None
+_load_error: Optional[str] = None
+_kernels_interpret: Optional[bool] = None  # whether they were made for the interpreter
+_have_triton = importlib.util.find_spec("triton") is not None
+
+
+def _launcher():
+    """The kernel launcher module, imported once (None, with the reason kept, on failure)."""
+    global _kernels, _load_error, _kernels_interpret
+    if _kernels is None and _load_error is None:
+        try:
+            from .triton_kernels import launch
+            _kernels, _kernels_interpret = launch, _interpreting()
+        except Exception as exc:  # any import/compile-time failure disables the backend
+            _load_error = f"the Triton kernels failed to import: {type(exc).__name__}: {exc}"
+    return _kernels
+
+
+def _interpreting() -> bool:
+    """Interpreter mode: as the kernels were made, or as they would be made now."""
+    if _kernels_interpret is not None:
+        return _kernels_interpret
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _reasons(device: Optional[torch.device]) -> list[str]:
+    if not _have_triton:
+        return ["Triton is not installed (pip install 'ema_fused[triton]')"]
+    if device is not None:
+        if device.type == "cpu" and not _interpreting():
+            return ["Triton runs on the CPU only through its interpreter: set "
+                    "TRITON_INTERPRET=1 before ema_fused's kernels are imported (for tests)"]
+        if device.type == "cuda" and _interpreting():
+            return ["TRITON_INTERPRET=1 is set: Triton would run CUDA tensors through its "
+                    "slow interpreter"]
+        if device.type not in ("cpu", "cuda"):
+            return [f"Triton does not run on {device.type} tensors"]
+    if _launcher() is None:
+        return [_load_error or "the Triton kernels failed to import"]
+    return []
+
+
+def _split(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]):
+    """(pairs the kernels take, the rest as two lists for the fallback)."""
+    launch = _launcher()
+    ok, rest_a, rest_b = [], [], []
+    for x, y in zip(a, b):
+        if launch.supported(x, y):
+            ok.append((x, y))
+        else:
+            rest_a.append(x)
+            rest_b.append(y)
+    return ok, rest_a, rest_b
+
+
+def update_(shadows, params, weight: float) -> None:
+    ok, rest_s, rest_p = _split(shadows, params)
+    _launcher().update(ok, weight)
+    if rest_s:
+        fallback.update_(rest_s, rest_p, weight)
+
+
+def copy_(dst, src, scale: float) -> None:
+    ok, rest_d, rest_s = _split(dst, src)
+    _launcher().copy(ok, scale)
+    if rest_d:
+        fallback.copy_(rest_d, rest_s, scale)
+
+
+register_backend(Backend(
+    "triton", "Triton kernels: one launch per device per update, any dtype mix",
+    update_, copy_, _reasons, auto_device_types=("cuda",)))

@@ -1,0 +1,155 @@
+"""Triton kernels: every tensor pair of one device in one launch, any dtype mix.
+
+Work layout.  The launcher flattens the tensors into *tiles* of ``BLOCK`` elements;
+program ``i`` reads row ``i`` of the tile table ``(tensor index, first element)`` and
+row ``tensor index`` of the tensor table ``(a offset, b offset, numel, a dtype code,
+b dtype code, aligned)``.  Offsets are in elements from one 16-byte aligned *anchor*
+pointer per dtype (three views of one small tensor), so every address is ``anchor +
+offset``: Triton knows the anchor is aligned, and ``tl.multiple_of`` on the offset of
+a tensor whose addresses are 16-byte aligned lets full tiles use vector loads and
+stores (checked in the compiled PTX by the tests).  Tails and unaligned tensors take a
+masked path.  dtype codes: 0 float32, 1 bfloat16, 2 float16; math in fp32, rounded
+to nearest even when stored (said explicitly: the interpreter would truncate to bf16).
+
+The hints must be applied in the kernel body and passed down: Triton drops
+``tl.multiple_of`` facts computed inside a helper or returned from one (seen with
+Triton 3.8 compiling for sm_90), so tile decoding is written out in each kernel.
+
+Bytes per element (the bound on speed): update, bf16 param + fp32 shadow: 2 + 4 + 4
+= 10; fp32 + fp32: 12.  copy: read + write (4 + 2 for fp32 -> bf16).  swap: 2 reads +
+2 writes.
+"""
+import triton
+import triton.language as tl
+
+ROW = tl.constexpr(6)  # tensor-table columns
+
+
+@triton.jit
+def _load(f32, bf16, f16, off4, off8, code, offs, mask, MASKED: tl.constexpr):
+    """Load the tensor at element offset ``off4``/``off8`` (same value, with the hints
+    for 4- and 2-byte elements) from the anchor of its dtype, as fp32."""
+    if code == 0:
+        p32 = f32 + off4 + offs
+        if MASKED:
+            x = tl.load(p32, mask=mask, other=0.0)
+        else:
+            x = tl.load(p32)
+    elif code == 1:
+        pb16 = bf16 + off8 + offs
+        if MASKED:
+            x = tl.load(pb16, mask=mask, other=0.0).to(tl.float32)
+        else:
+            x = tl.load(pb16).to(tl.float32)
+    else:
+        ph16 = f16 + off8 + offs
+        if MASKED:
+            x = tl.load(ph16, mask=mask, other=0.0).to(tl.float32)
+        else:
+            x = tl.load(ph16).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _store(f32, bf16, f16, off4, off8, code, offs, x, mask, MASKED: tl.constexpr):
+    """Round fp32 ``x`` once into the tensor's dtype and store it."""
+    if code == 0:
+        if MASKED:
+            tl.store(f32 + off4 + offs, x, mask=mask)
+        else:
+            tl.store(f32 + off4 + offs, x)
+    elif code == 1:
+        if MASKED:
+            tl.store(bf16 + off8 + offs, x.to(tl.bfloat16, fp_downcast_rounding="rtne"), mask=mask)
+        else:
+            tl.store(bf16 + off8 + offs, x.to(tl.bfloat16, fp_downcast_rounding="rtne"))
+    else:
+        if MASKED:
+            tl.store(f16 + off8 + offs, x.to(tl.float16, fp_downcast_rounding="rtne"), mask=mask)
+        else:
+            tl.store(f16 + off8 + offs, x.to(tl.float16, fp_downcast_rounding="rtne"))
+
+
+@triton.jit
+def update_kernel(tensors, tiles, f32, bf16, f16, weight, weight_ptr,
+                  WEIGHT_FROM_PTR: tl.constexpr, BLOCK: tl.constexpr):
+    """a[i] += w * (b[i] - a[i]); a: shadows, b: params.  ``weight_ptr`` for graph capture."""
+    pid = tl.program_id(0).to(tl.int64)
+    t = tl.load(tiles + 2 * pid)
+    start = tl.multiple_of(tl.load(tiles + 2 * pid + 1), BLOCK)
+    a_off = tl.load(tensors + ROW * t)
+    b_off = tl.load(tensors + ROW * t + 1)
+    n = tl.load(tensors + ROW * t + 2)
+    a_code = tl.load(tensors + ROW * t + 3)
+    b_code = tl.load(tensors + ROW * t + 4)
+    aligned = tl.load(tensors + ROW * t + 5)
+    offs = tl.max_contiguous(tl.multiple_of(start + tl.arange(0, BLOCK), BLOCK), BLOCK)
+    mask = offs < n
+    w = weight
+    if WEIGHT_FROM_PTR:
+        w = tl.load(weight_ptr).to(tl.float32)
+    if (start + BLOCK <= n) & (aligned != 0):
+        a4, a8 = tl.multiple_of(a_off, 4), tl.multiple_of(a_off, 8)
+        b4, b8 = tl.multiple_of(b_off, 4), tl.multiple_of(b_off, 8)
+        a = _load(f32, bf16, f16, a4, a8, a_code, offs, mask, False)
+        b = _load(f32, bf16, f16, b4, b8, b_code, offs, mask, False)
+        _store(f32, bf16, f16, a4, a8, a_code, offs, a + w * (b - a), mask, False)
+    else:
+        a = _load(f32, bf16, f16, a_off, a_off, a_code, offs, mask, True)
+        b = _load(f32, bf16, f16, b_off, b_off, b_code, offs, mask, True)
+        _store(f32, bf16, f16, a_off, a_off, a_code, offs, a + w * (b - a), mask, True)
+
+
+@triton.jit
+def copy_kernel(tensors, tiles, f32, bf16, f16, scale, scale_ptr,
+                SCALE_FROM_PTR: tl.constexpr, BLOCK: tl.constexpr):
+    """a[i] = b[i] * scale; a: destination (e.g. the model), b: source (the shadows)."""
+    pid = tl.program_id(0).to(tl.int64)
+    t = tl.load(tiles + 2 * pid)
+    start = tl.multiple_of(tl.load(tiles + 2 * pid + 1), BLOCK)
+    a_off = tl.load(tensors + ROW * t)
+    b_off = tl.load(tensors + ROW * t + 1)
+    n = tl.load(tensors + ROW * t + 2)
+    a_code = tl.load(tensors + ROW * t + 3)
+    b_code = tl.load(tensors + ROW * t + 4)
+    aligned = tl.load(tensors + ROW * t + 5)
+    offs = tl.max_contiguous(tl.multiple_of(start + tl.arange(0, BLOCK), BLOCK), BLOCK)
+    mask = offs < n
+    s = scale
+    if SCALE_FROM_PTR:
+        s = tl.load(scale_ptr).to(tl.float32)
+    if (start + BLOCK <= n) & (aligned != 0):
+        a4, a8 = tl.multiple_of(a_off, 4), tl.multiple_of(a_off, 8)
+        b4, b8 = tl.multiple_of(b_off, 4), tl.multiple_of(b_off, 8)
+        b = _load(f32, bf16, f16, b4, b8, b_code, offs, mask, False)
+        _store(f32, bf16, f16, a4, a8, a_code, offs, b * s, mask, False)
+    else:
+        b = _load(f32, bf16, f16, b_off, b_off, b_code, offs, mask, True)
+        _store(f32, bf16, f16, a_off, a_off, a_code, offs, b * s, mask, True)
+
+
+@triton.jit
+def swap_kernel(tensors, tiles, f32, bf16, f16, BLOCK: tl.constexpr):
+    """Exchange a[i] and b[i] (same dtype: the launcher checks); exact through fp32."""
+    pid = tl.program_id(0).to(tl.int64)
+    t = tl.load(tiles + 2 * pid)
+    start = tl.multiple_of(tl.load(tiles + 2 * pid + 1), BLOCK)
+    a_off = tl.load(tensors + ROW * t)
+    b_off = tl.load(tensors + ROW * t + 1)
+    n = tl.load(tensors + ROW * t + 2)
+    code = tl.load(tensors + ROW * t + 3)
+    aligned = tl.load(tensors + ROW * t + 5)
+    offs = tl.max_contiguous(tl.multiple_of(start + tl.arange(0, BLOCK), BLOCK), BLOCK)
+    mask = offs < n
+    if (start + BLOCK <= n) & (aligned != 0):
+        a4, a8 = tl.multiple_of(a_off, 4), tl.multiple_of(a_off, 8)
+        b4, b8 = tl.multiple_of(b_off, 4), tl.multiple_of(b_off, 8)
+        a = _load(f32, bf16, f16, a4, a8, code, offs, mask, False)
+        b = _load(f32, bf16, f16, b4, b8, code, offs, mask, False)
+        _store(f32, bf16, f16, a4, a8, code, offs, b, mask, False)
+        _store(f32, bf16, f16, b4, b8, code, offs, a, mask, False)
+    else:
+        a = _load(f32, bf16, f16, a_off, a_off, code, offs, mask, True)
+        b = _load(f32, bf16, f16, b_off, b_off, code, offs, mask, True)
+        _store(f32, bf16, f16, a_off, a_off, code, offs, b, mask, True)
+        _store(f32, bf16, f16, b_off, b_off, code, offs, a, mask, True)
