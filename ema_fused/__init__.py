@@ -11,11 +11,11 @@ from . import schedules
 from ._backend import BackendUnavailableError, available_backends
 from ._tracking import ModelChangedError
 from .ema import EMA
-from .ops import ema_copy_, ema_update_
+from .ops import ema_copy_, ema_swap_, ema_update_
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "EMA", "ema_update_", "ema_copy_", "available_backends", "schedules",
+    "EMA", "ema_update_", "ema_copy_", "ema_swap_", "available_backends", "schedules",
     "BackendUnavailableError", "ModelChangedError", "__version__",
 ]

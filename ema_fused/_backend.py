@@ -25,18 +25,22 @@ class BackendUnavailableError(RuntimeError):
 
 
 class Backend:
-    """A kernel family: ``update_``, ``copy_`` over lists of tensors on one device.
+    """A kernel family: ``update_``, ``copy_``, ``swap_`` over lists of tensors on one device.
 
     ``update_(shadows, params, weight)``: ``shadows[i] += weight * (params[i] - shadows[i])``.
     ``copy_(dst, src, scale)``: ``dst[i] = src[i] * scale`` cast to ``dst[i].dtype``.
+    ``swap_(a, b)``: exchange ``a[i]`` and ``b[i]`` (equal dtypes).
     """
 
     def __init__(self, name: str, description: str,
                  update_: Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor], float], None],
                  copy_: Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor], float], None],
                  reasons: Callable[[Optional[torch.device]], list[str]],
-                 auto_device_types: Optional[tuple[str, ...]] = None) -> None:
+                 auto_device_types: Optional[tuple[str, ...]] = None,
+                 swap_: Optional[Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor]], None]]
+                 = None) -> None:
         self.name = name
+        self.swap_ = swap_
         # device types where ``auto`` may take it (None: wherever it can run); the
         # Triton interpreter can run on the CPU, but only a test would want that
         self.auto_device_types = auto_device_types

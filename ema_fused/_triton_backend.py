@@ -86,6 +86,13 @@ def copy_(dst, src, scale: float) -> None:
         fallback.copy_(rest_d, rest_s, scale)
 
 
+def swap_(a, b) -> None:
+    ok, rest_a, rest_b = _split(a, b)
+    _launcher().swap(ok)
+    if rest_a:
+        fallback.swap_(rest_a, rest_b)
+
+
 register_backend(Backend(
     "triton", "Triton kernels: one launch per device per update, any dtype mix",
-    update_, copy_, _reasons, auto_device_types=("cuda",)))
+    update_, copy_, _reasons, auto_device_types=("cuda",), swap_=swap_))

@@ -9,6 +9,7 @@ from torch import nn
 
 from . import _backend, _checkpoint, _validate
 from ._staging import copy_across_, update_across_
+from .ops import dispatch
 from ._tracking import Source, Tracked
 from .schedules import constant
 
@@ -81,6 +82,12 @@ class EMA:
         self.backend: Optional[str] = None
         self._decay_product = 1.0
         self._backup: Optional[list[torch.Tensor]] = None
+        self._swapped = False  # inside average_parameters(): shadows hold the model's weights
+
+    def _not_swapped(self, what: str) -> None:
+        if self._swapped:
+            raise RuntimeError(f"EMA.{what}: not allowed inside average_parameters(), where "
+                               "the shadows and the model's weights are swapped")
 
     def _make_shadow(self, entry, t: torch.Tensor, dtype) -> torch.Tensor:
         device = self._device or t.device
@@ -103,6 +110,7 @@ class EMA:
         nothing; steps ``<= update_after_step`` copy the model; others average with
         ``decay = schedule(step - update_after_step)``.
         """
+        self._not_swapped("update")
         step = self._step + 1 if step is None else _positive_int("step", step, 1)
         self._step = self.num_updates = step
         if step % self.update_every:
@@ -169,11 +177,13 @@ class EMA:
 
     def named_shadows(self) -> Iterator[tuple[str, torch.Tensor]]:
         """``(name, shadow)`` for every tracked name (raw shadows, no bias correction)."""
+        self._not_swapped("named_shadows")
         for name, i in self._tracked.aliases.items():
             yield name, self._shadows[i]
 
     def averaged_weights(self) -> dict[str, torch.Tensor]:
         """New tensors holding the averaged weights (bias-corrected), in the shadow dtypes."""
+        self._not_swapped("averaged_weights")
         scale = self._read_scale()
         out = {}
         with torch.no_grad():
@@ -185,6 +195,7 @@ class EMA:
 
     def copy_to(self, model: Optional[Source] = None) -> None:
         """Write the averaged weights into ``model`` (default: the tracked model)."""
+        self._not_swapped("copy_to")
         scale = self._read_scale()
         targets = self._tracked.read(model)
         pairs = list(zip(self._tracked.entries, targets, self._shadows))
@@ -197,6 +208,7 @@ class EMA:
 
     def store(self, model: Optional[Source] = None) -> None:
         """Keep a copy of the model's current tensors for :meth:`restore`."""
+        self._not_swapped("store")
         with torch.no_grad():
             self._backup = [t.clone() for t in self._tracked.read(model)]
 
@@ -211,17 +223,37 @@ class EMA:
 
     @contextlib.contextmanager
     def average_parameters(self, model: Optional[Source] = None) -> Iterator[None]:
-        """Evaluate with the averaged weights inside the block; the model is always restored."""
-        self.store(model)
+        """Evaluate with the averaged weights inside the block; the model is always restored.
+
+        When every shadow has its model tensor's dtype and device (and there is no bias
+        correction to apply) the two are swapped in place, twice, with no backup copy of
+        the model; otherwise the model is stored, overwritten and restored.
+        """
+        targets = self._tracked.read(model)
+        if self.bias_correction or any(t.dtype != s.dtype or t.device != s.device
+                                       for t, s in zip(targets, self._shadows)):
+            self.store(model)
+            try:
+                self.copy_to(model)
+                yield
+            finally:
+                self.restore(model)
+            return
+        self._not_swapped("average_parameters")
+        with torch.no_grad():
+            dispatch("swap", targets, self._shadows, 0.0, self._backend_request)
+        self._swapped = True
         try:
-            self.copy_to(model)
             yield
         finally:
-            self.restore(model)
+            with torch.no_grad():
+                dispatch("swap", targets, self._shadows, 0.0, self._backend_request)
+            self._swapped = False
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
         """Shadows and counters; loads with ``torch.load(weights_only=True)``."""
+        self._not_swapped("state_dict")
         return {
             "format": _checkpoint.FORMAT, "version": _checkpoint.VERSION,
             "shadows": {e.name: s for e, s in zip(self._tracked.entries, self._shadows)},
@@ -231,6 +263,7 @@ class EMA:
 
     def load_state_dict(self, state_dict: dict, strict: bool = True) -> None:
         """Load :meth:`state_dict` output; checks everything before changing anything."""
+        self._not_swapped("load_state_dict")
         if state_dict.get("format") != _checkpoint.FORMAT:
             raise ValueError("EMA.load_state_dict: not an ema_fused EMA state_dict")
         if state_dict.get("version") != _checkpoint.VERSION:

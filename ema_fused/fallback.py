@@ -106,10 +106,20 @@ def copy_(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor], scale: float
                     d.copy_(s.to(wide) * scale)
 
 
+def swap_(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> None:
+    """Exchange ``a[i]`` and ``b[i]`` (equal dtypes) through piece-sized temporaries."""
+    for _, pairs in _group(a, b).items():
+        for piece in pieces(pairs, piece_elements(pairs[0][0].device)):
+            xs, ys = [x for x, _ in piece], [y for _, y in piece]
+            tmp = [x.clone() for x in xs]
+            torch._foreach_copy_(xs, ys)
+            torch._foreach_copy_(ys, tmp)
+
+
 def _reasons(device) -> list[str]:
     return []
 
 
 register_backend(Backend(
     "foreach", "pure PyTorch (torch._foreach_lerp_), runs on every device",
-    update_, copy_, _reasons))
+    update_, copy_, _reasons, swap_=swap_))

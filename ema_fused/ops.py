@@ -42,8 +42,11 @@ def dispatch(kind: str, a: Tensors, b: Tensors, scalar: float, backend: str) -> 
     chosen = [(_backend.select(backend, dev), ga, gb) for dev, (ga, gb) in groups.items()]
     with torch.no_grad():  # params that require grad must not make the shadows part of a graph
         for impl, ga, gb in chosen:
-            fn: Callable = impl.update_ if kind == "update" else impl.copy_
-            fn(ga, gb, scalar)
+            if kind == "swap":
+                (impl.swap_ or _fallback.swap_)(ga, gb)
+            else:
+                fn: Callable = impl.update_ if kind == "update" else impl.copy_
+                fn(ga, gb, scalar)
 
 
 def _check_update(shadows: Tensors, params: Tensors, weight: float) -> float:
@@ -58,6 +61,17 @@ def _check_copy(dst: Tensors, src: Tensors, scale: float) -> float:
     _validate.check_pairs("ema_copy_", "dst", dst, "src", src)
     _validate.check_writable("ema_copy_", "dst", dst)
     return scale
+
+
+def _check_swap(a: Tensors, b: Tensors, _unused: float = 0.0) -> float:
+    _validate.check_pairs("ema_swap_", "a", a, "b", b)
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x.dtype != y.dtype:
+            raise TypeError(f"ema_swap_: a[{i}] is {x.dtype} but b[{i}] is {y.dtype}; "
+                            "swapping needs equal dtypes")
+    _validate.check_writable("ema_swap_", "a", a)
+    _validate.check_writable("ema_swap_", "b", b)
+    return 0.0
 
 
 @torch.library.custom_op("ema_fused::update_", mutates_args={"shadows"})
@@ -83,7 +97,18 @@ def _copy_fake(dst, src, scale, backend) -> None:
     _check_copy(dst, src, scale)
 
 
-_CHECKS = {"update": _check_update, "copy": _check_copy}
+@torch.library.custom_op("ema_fused::swap_", mutates_args={"a", "b"})
+def _swap_op(a: list[torch.Tensor], b: list[torch.Tensor], unused: float, backend: str) -> None:
+    _check_swap(a, b)
+    dispatch("swap", a, b, 0.0, backend)
+
+
+@_swap_op.register_fake
+def _swap_fake(a, b, unused, backend) -> None:
+    _check_swap(a, b)
+
+
+_CHECKS = {"update": _check_update, "copy": _check_copy, "swap": _check_swap}
 
 
 def _run(kind: str, a: Tensors, b: Tensors, scalar: float, backend: str) -> None:
@@ -120,3 +145,12 @@ def ema_copy_(dst: Tensors, src: Tensors, scale: float = 1.0, *, backend: str = 
     :func:`ema_update_`; ``scale`` must be a finite number >= 0.
     """
     _run("copy", dst, src, scale, backend)
+
+
+def ema_swap_(a: Tensors, b: Tensors, *, backend: str = "auto") -> None:
+    """In place, for every i: exchange the contents of ``a[i]`` and ``b[i]``.
+
+    Pairs must match in shape, dtype and device.  Used by ``EMA.average_parameters``
+    to put the averages into the model without a backup copy of it.
+    """
+    _run("swap", a, b, 0.0, backend)

@@ -90,3 +90,36 @@ def test_bias_correction_with_a_copy_step_has_no_correction():
     ema = EMA(model, decay=0.9, update_after_step=1, bias_correction=True)
     ema.update()  # a copy: prod(decays) = 0
     assert torch.equal(ema.averaged_weights()["0.weight"], model[0].weight.detach())
+
+
+def test_average_parameters_swaps_in_place_when_dtypes_match():
+    model, ema = _trained(decay=0.7)  # fp32 model, fp32 shadows: the swap path
+    raw = copy.deepcopy(model.state_dict())
+    shadows = {n: s.clone() for n, s in ema.named_shadows()}
+    storage = model[0].weight.data_ptr()
+    with pytest.raises(ValueError):
+        with ema.average_parameters():
+            for n, t in model.state_dict().items():
+                assert torch.equal(t, shadows[n]), n
+            assert model[0].weight.data_ptr() == storage  # same storage, new contents
+            assert ema._backup is None  # no backup copy of the model was made
+            for call in (ema.update, ema.state_dict, ema.copy_to, ema.store,
+                         lambda: dict(ema.named_shadows())):
+                with pytest.raises(RuntimeError, match="inside average_parameters"):
+                    call()
+            raise ValueError("evaluation failed")
+    assert all(torch.equal(t, raw[n]) for n, t in model.state_dict().items())
+    assert all(torch.equal(s, shadows[n]) for n, s in ema.named_shadows())
+    ema.update()  # usable again
+
+
+def test_swap_op_checks_and_opcheck():
+    from ema_fused import ema_swap_
+    a, b = [torch.arange(5.0), torch.zeros(3, dtype=torch.bfloat16)], [-torch.arange(5.0), torch.ones(3, dtype=torch.bfloat16)]
+    ema_swap_(a, b)
+    assert torch.equal(a[0], -torch.arange(5.0)) and torch.equal(b[1], torch.zeros(3, dtype=torch.bfloat16))
+    keep = [x.clone() for x in a]
+    with pytest.raises(TypeError, match=r"a\[1\] is torch.bfloat16 but b\[1\] is torch.float32"):
+        ema_swap_(a, [b[0], torch.zeros(3)])
+    assert all(torch.equal(x, k) for x, k in zip(a, keep))
+    torch.library.opcheck(torch.ops.ema_fused.swap_.default, (a, b, 0.0, "auto"))

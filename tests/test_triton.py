@@ -190,3 +190,21 @@ def test_full_tiles_compile_to_vector_accesses_for_sm90(name, ptx_counts):
     ops = ptx_counts[name]
     assert any(op.startswith("ld.global.v4") for op in ops), ops
     assert any(op.startswith("st.global.v4") for op in ops), ops
+
+
+def test_average_parameters_swaps_with_the_triton_kernel(monkeypatch):
+    model = torch.nn.Sequential(torch.nn.Linear(40, 70), torch.nn.Linear(70, 3))
+    ema = EMA(model, decay=0.5, backend="triton")
+    with torch.no_grad():
+        for prm in model.parameters():
+            prm.mul_(3.0)
+    ema.update()
+    raw = {n: t.clone() for n, t in model.state_dict().items()}
+    shadows = {n: s.clone() for n, s in ema.named_shadows()}
+    kernels = []
+    real = launch._launch
+    monkeypatch.setattr(launch, "_launch", lambda k, *a, **kw: (kernels.append(k), real(k, *a, **kw)))
+    with ema.average_parameters():
+        assert all(torch.equal(t, shadows[n]) for n, t in model.state_dict().items())
+    assert kernels == [launch.swap_kernel, launch.swap_kernel]
+    assert all(torch.equal(t, raw[n]) for n, t in model.state_dict().items())
