@@ -72,9 +72,12 @@ def _split(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]):
     return ok, rest_a, rest_b
 
 
-def update_(shadows, params, weight: float) -> None:
+def update_(shadows, params, weight) -> None:
     ok, rest_s, rest_p = _split(shadows, params)
-    _launcher().update(ok, weight)
+    if isinstance(weight, torch.Tensor):  # graph-safe: the kernel reads it on the device
+        _launcher().update(ok, 0.0, weight_ptr=weight)
+    else:
+        _launcher().update(ok, weight)
     if rest_s:
         fallback.update_(rest_s, rest_p, weight)
 

@@ -39,6 +39,17 @@ def check_scalar(op: str, name: str, value: float, low: float = 0.0, high: float
     return value
 
 
+def check_weight_tensor(op: str, weight: torch.Tensor, shadows: Sequence[torch.Tensor]) -> None:
+    """A device-side weight: one float32 element on the shadows' device (value unchecked)."""
+    if weight.numel() != 1 or weight.dtype != torch.float32:
+        raise TypeError(f"{op}: a tensor weight must hold one float32 element, got "
+                        f"{_describe(weight)}")
+    for i, s in enumerate(shadows):
+        if s.device != weight.device:
+            raise ValueError(f"{op}: the weight tensor is on {weight.device} but shadows[{i}] "
+                             f"is on {s.device}")
+
+
 def check_pairs(op: str, a_name: str, a: Sequence[torch.Tensor],
                 b_name: str, b: Sequence[torch.Tensor]) -> None:
     """Check two tensor lists pair up: same length, shapes, devices; floating dtypes."""

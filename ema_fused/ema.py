@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from . import _backend, _checkpoint, _validate
+from ._capturable import DeviceSchedule
 from ._staging import copy_across_, update_across_
 from .ops import dispatch
 from ._tracking import Source, Tracked
@@ -44,6 +45,10 @@ class EMA:
         bias_correction: start shadows at zero and divide every read by
             ``1 - prod(decays so far)``.
         exclude: fnmatch patterns of tensor names to leave out entirely.
+        capturable: keep the step and the decay in device tensors so that a captured
+            CUDA graph of ``update()`` replays correctly with a changing decay (needs a
+            schedule from :mod:`ema_fused.schedules` and all shadows on one device;
+            ``update()`` then takes no ``step``; reading ``decay``/``num_updates`` syncs).
     """
 
     def __init__(self, model_or_params: Union[nn.Module, Iterable[torch.Tensor]],
@@ -51,7 +56,8 @@ class EMA:
                  update_after_step: int = 0, update_every: int = 1, buffers: str = "ema",
                  dtype: Optional[torch.dtype] = torch.float32,
                  device: Optional[Union[torch.device, str]] = None, backend: str = "auto",
-                 bias_correction: bool = False, exclude: Sequence[str] = ()) -> None:
+                 bias_correction: bool = False, exclude: Sequence[str] = (),
+                 capturable: bool = False) -> None:
         if schedule is None:
             schedule = constant(decay)
         elif not callable(schedule):
@@ -77,12 +83,33 @@ class EMA:
         for dev in {s.device for s in self._shadows}:
             _backend.select(backend, dev)  # a backend named but unusable fails now
         self._step = 0
-        self.num_updates = 0
-        self.decay: Optional[float] = None
+        self._decay: Optional[float] = None
         self.backend: Optional[str] = None
+        self._device_schedule: Optional[DeviceSchedule] = None
+        if capturable:
+            devices = {sh.device for sh in self._shadows}
+            if len(devices) != 1:
+                raise ValueError(f"EMA: capturable=True needs every shadow on one device, got "
+                                 f"{sorted(map(str, devices))}")
+            self._device_schedule = DeviceSchedule(devices.pop(), schedule,
+                                                   self.update_after_step, self.update_every)
         self._decay_product = 1.0
         self._backup: Optional[list[torch.Tensor]] = None
         self._swapped = False  # inside average_parameters(): shadows hold the model's weights
+
+    @property
+    def decay(self) -> Optional[float]:
+        """Decay used by the last update (0.0 when it copied; None before any)."""
+        if self._device_schedule is not None:
+            return self._device_schedule.last_decay()
+        return self._decay
+
+    @property
+    def num_updates(self) -> int:
+        """Step of the last ``update()`` call."""
+        if self._device_schedule is not None:
+            return self._device_schedule.num_updates()
+        return self._step
 
     def _not_swapped(self, what: str) -> None:
         if self._swapped:
@@ -111,8 +138,11 @@ class EMA:
         ``decay = schedule(step - update_after_step)``.
         """
         self._not_swapped("update")
+        if self._device_schedule is not None:
+            self._update_on_device(step)
+            return
         step = self._step + 1 if step is None else _positive_int("step", step, 1)
-        self._step = self.num_updates = step
+        self._step = step
         if step % self.update_every:
             return
         if step <= self.update_after_step:
@@ -130,8 +160,23 @@ class EMA:
                 update_across_(ema_s, ema_p, 1.0 - decay, self._backend_request)
             for s, p in zip(copy_s, copy_p):
                 s.copy_(p)
-        self.decay = decay
+        self._decay = decay
         self._decay_product *= decay
+        self.backend = self._backend_names()
+
+    def _update_on_device(self, step: Optional[int]) -> None:
+        """The capturable update: the same rules, evaluated by device ops (no host sync)."""
+        if step is not None:
+            raise ValueError("EMA: with capturable=True the step is counted on the device; "
+                             "call update() without a step")
+        live = self._read_following()
+        ema_s, ema_p, copy_s, copy_p = self._split(live)
+        sched = self._device_schedule
+        sched.advance()
+        with torch.no_grad():
+            update_across_(ema_s, ema_p, sched.weight, self._backend_request)
+            for s, p in zip(copy_s, copy_p):
+                s.copy_(torch.where(sched.active, p.to(s.device), s))
         self.backend = self._backend_names()
 
     def _read_following(self) -> list[torch.Tensor]:
@@ -169,7 +214,9 @@ class EMA:
     def _read_scale(self) -> float:
         if not self.bias_correction:
             return 1.0
-        norm = 1.0 - self._decay_product
+        product = (self._decay_product if self._device_schedule is None
+                   else float(self._device_schedule.product.item()))
+        norm = 1.0 - product
         if norm <= 0.0:
             raise RuntimeError("EMA: with bias_correction=True the average is undefined until "
                                "an update with decay < 1 has run")
@@ -257,8 +304,10 @@ class EMA:
         return {
             "format": _checkpoint.FORMAT, "version": _checkpoint.VERSION,
             "shadows": {e.name: s for e, s in zip(self._tracked.entries, self._shadows)},
-            "step": self._step, "decay": self.decay,
-            "decay_product": self._decay_product, "bias_correction": self.bias_correction,
+            "step": self.num_updates, "decay": self.decay,
+            "decay_product": (self._decay_product if self._device_schedule is None
+                              else float(self._device_schedule.product.item())),
+            "bias_correction": self.bias_correction,
         }
 
     def load_state_dict(self, state_dict: dict, strict: bool = True) -> None:
@@ -284,6 +333,8 @@ class EMA:
         with torch.no_grad():
             for name, key in pairs.items():
                 self._shadows[index[name]].copy_(theirs[key])
-        self._step = self.num_updates = int(state_dict["step"])
-        self.decay = state_dict["decay"]
+        self._step = int(state_dict["step"])
+        self._decay = state_dict["decay"]
         self._decay_product = float(state_dict["decay_product"])
+        if self._device_schedule is not None:
+            self._device_schedule.load(self._step, self._decay, self._decay_product)

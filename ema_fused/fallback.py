@@ -74,8 +74,29 @@ def pieces(pairs: Pairs, budget: int) -> Iterator[Pairs]:
         yield batch
 
 
-def update_(shadows: Sequence[torch.Tensor], params: Sequence[torch.Tensor], weight: float) -> None:
-    """``shadows[i] += weight * (params[i] - shadows[i])`` with ``torch._foreach_lerp_``."""
+def _update_tensor_weight_(pairs: Pairs, weight: torch.Tensor) -> None:
+    """The graph-safe form: ``weight`` stays on the device (``_foreach_lerp_`` would
+    turn a tensor weight into a Python number, a host sync), so lerp tensor by tensor."""
+    wides: dict[torch.dtype, torch.Tensor] = {}
+    for piece in pieces(pairs, piece_elements(pairs[0][0].device)):
+        for s, p in piece:
+            wide = torch.promote_types(torch.promote_types(s.dtype, p.dtype), torch.float32)
+            w = wides.setdefault(wide, weight.reshape(()).to(wide))
+            if s.dtype == wide:
+                s.lerp_(p.to(wide), w)
+            else:
+                s.copy_(s.to(wide).lerp_(p.to(wide), w))
+
+
+def update_(shadows: Sequence[torch.Tensor], params: Sequence[torch.Tensor], weight) -> None:
+    """``shadows[i] += weight * (params[i] - shadows[i])`` with ``torch._foreach_lerp_``.
+
+    ``weight``: a Python number, or a 1-element device tensor (graph-safe form)."""
+    if isinstance(weight, torch.Tensor):
+        pairs = [(s, p) for s, p in zip(shadows, params) if s.numel()]
+        if pairs:
+            _update_tensor_weight_(pairs, weight)
+        return
     for (sd, pd), pairs in _group(shadows, params).items():
         if sd == pd:
             torch._foreach_lerp_([s for s, _ in pairs], [p for _, p in pairs], weight)

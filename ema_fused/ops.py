@@ -49,8 +49,11 @@ def dispatch(kind: str, a: Tensors, b: Tensors, scalar: float, backend: str) -> 
                 fn(ga, gb, scalar)
 
 
-def _check_update(shadows: Tensors, params: Tensors, weight: float) -> float:
-    weight = _validate.check_scalar("ema_update_", "weight", weight)
+def _check_update(shadows: Tensors, params: Tensors, weight):
+    if isinstance(weight, torch.Tensor):
+        _validate.check_weight_tensor("ema_update_", weight, shadows)
+    else:
+        weight = _validate.check_scalar("ema_update_", "weight", weight)
     _validate.check_pairs("ema_update_", "shadows", shadows, "params", params)
     _validate.check_writable("ema_update_", "shadows", shadows)
     return weight
@@ -86,6 +89,18 @@ def _update_fake(shadows, params, weight, backend) -> None:
     _check_update(shadows, params, weight)
 
 
+@torch.library.custom_op("ema_fused::update_graph_safe_", mutates_args={"shadows"})
+def _update_graph_safe_op(shadows: list[torch.Tensor], params: list[torch.Tensor],
+                          weight: torch.Tensor, backend: str) -> None:
+    _check_update(shadows, params, weight)
+    dispatch("update", shadows, params, weight, backend)
+
+
+@_update_graph_safe_op.register_fake
+def _update_graph_safe_fake(shadows, params, weight, backend) -> None:
+    _check_update(shadows, params, weight)
+
+
 @torch.library.custom_op("ema_fused::copy_", mutates_args={"dst"})
 def _copy_op(dst: list[torch.Tensor], src: list[torch.Tensor], scale: float, backend: str) -> None:
     scale = _check_copy(dst, src, scale)
@@ -115,7 +130,9 @@ def _run(kind: str, a: Tensors, b: Tensors, scalar: float, backend: str) -> None
     """Eager: check, then dispatch.  Under torch.compile: go through the registered op."""
     a, b = list(a), list(b)
     if torch.compiler.is_compiling():
-        getattr(torch.ops.ema_fused, kind + "_")(a, b, scalar, backend)
+        graph_safe = isinstance(scalar, torch.Tensor)
+        getattr(torch.ops.ema_fused, kind + ("_graph_safe_" if graph_safe else "_"))(
+            a, b, scalar, backend)
         return
     scalar = _CHECKS[kind](a, b, scalar)
     dispatch(kind, a, b, scalar, backend)
@@ -133,6 +150,9 @@ def ema_update_(shadows: Tensors, params: Tensors, weight: float, *, backend: st
         shadows: tensors updated in place.
         params: tensors read, one per shadow.
         weight: a Python number in [0, 1]; 0 leaves the shadows, 1 copies the params.
+            Or a 1-element float32 tensor on the shadows' device, read on the device
+            (graph-safe: a captured CUDA graph replays with its value at replay time;
+            its value is not checked, as that would sync with the host).
         backend: ``"auto"`` or one of ``"cuda"``, ``"triton"``, ``"cpu"``, ``"foreach"``.
     """
     _run("update", shadows, params, weight, backend)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 __all__ = [
     "Schedule", "constant", "num_updates_warmup", "tau_ramp", "power_warmup",
     "half_life", "karras_power", "swa", "sigma_rel_to_gamma",
@@ -30,12 +32,17 @@ def _check_positive(name: str, what: str, x: float) -> float:
 
 
 class Schedule:
-    """Base class: subclasses implement ``decay(n)`` for n >= 1."""
+    """Base class: subclasses implement ``decay(n)`` for n >= 1, and ``decay_tensor(n)``,
+    the same formula with torch ops on a float64 tensor ``n`` (no host sync), which
+    ``EMA(capturable=True)`` evaluates on the device inside a captured CUDA graph."""
 
     def __call__(self, n: int) -> float:
         return self.decay(int(n))
 
     def decay(self, n: int) -> float:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def decay_tensor(self, n: "torch.Tensor") -> "torch.Tensor":  # pragma: no cover - abstract
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -58,6 +65,9 @@ class constant(Schedule):
     def decay(self, n: int) -> float:
         return self.d
 
+    def decay_tensor(self, n):
+        return torch.full_like(n, self.d)
+
 
 class num_updates_warmup(Schedule):
     """``decay(n) = min(d, (1 + n) / (10 + n))``: torch_ema ``use_num_updates``, LitEma, TF."""
@@ -67,6 +77,9 @@ class num_updates_warmup(Schedule):
 
     def decay(self, n: int) -> float:
         return min(self.d, (1 + n) / (10 + n))
+
+    def decay_tensor(self, n):
+        return ((1 + n) / (10 + n)).clamp(max=self.d)
 
 
 class tau_ramp(Schedule):
@@ -78,6 +91,9 @@ class tau_ramp(Schedule):
 
     def decay(self, n: int) -> float:
         return self.d * (1.0 - math.exp(-n / self.tau))
+
+    def decay_tensor(self, n):
+        return self.d * (1.0 - torch.exp(-n / self.tau))
 
 
 class power_warmup(Schedule):
@@ -103,6 +119,11 @@ class power_warmup(Schedule):
         value = 1.0 - (1.0 + (n - 1) / self.inv_gamma) ** -self.power
         return max(min(value, self.d), self.min_decay)
 
+    def decay_tensor(self, n):
+        m = (n - 1).clamp(min=0)
+        value = (1.0 - (1.0 + m / self.inv_gamma) ** -self.power).clamp(max=self.d)
+        return torch.where(n <= 1, torch.zeros_like(n), value.clamp(min=self.min_decay))
+
 
 class half_life(Schedule):
     """``decay(n) = 2 ** (-1 / h)``: the average halves its memory every ``h`` updates (Composer)."""
@@ -112,6 +133,9 @@ class half_life(Schedule):
 
     def decay(self, n: int) -> float:
         return 2.0 ** (-1.0 / self.h)
+
+    def decay_tensor(self, n):
+        return torch.full_like(n, 2.0 ** (-1.0 / self.h))
 
 
 def sigma_rel_to_gamma(sigma_rel: float) -> float:
@@ -162,9 +186,16 @@ class karras_power(Schedule):
             return 0.0
         return (1.0 - 1.0 / n) ** (1.0 + self.gamma)
 
+    def decay_tensor(self, n):
+        value = (1.0 - 1.0 / n.clamp(min=1)) ** (1.0 + self.gamma)
+        return torch.where(n <= 1, torch.zeros_like(n), value)
+
 
 class swa(Schedule):
     """``decay(n) = (n - 1) / n``: the uniform average of every update (AveragedModel's SWA)."""
 
     def decay(self, n: int) -> float:
         return (n - 1) / n if n >= 1 else 0.0
+
+    def decay_tensor(self, n):
+        return torch.where(n >= 1, (n - 1) / n.clamp(min=1), torch.zeros_like(n))

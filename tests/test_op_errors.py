@@ -34,11 +34,29 @@ def test_weight_out_of_range(weight):
     _assert_untouched(shadows, before)
 
 
-@pytest.mark.parametrize("weight", [torch.tensor(0.5), "0.5", None])
+@pytest.mark.parametrize("weight", [torch.tensor([0.5, 0.5]), torch.tensor(0.5, dtype=torch.float64),
+                                    "0.5", None, True])
 def test_weight_of_wrong_type(weight):
     shadows, params = _inputs()
+    before = [s.clone() for s in shadows]
     with pytest.raises(TypeError, match="weight"):
         ema_update_(shadows, params, weight)
+    _assert_untouched(shadows, before)
+
+
+def test_tensor_weight_on_another_device():
+    shadows, params = _inputs()
+    with pytest.raises(ValueError, match=r"weight tensor is on meta but shadows\[0\] is on cpu"):
+        ema_update_(shadows, params, torch.tensor([0.5], device="meta"))
+
+
+def test_tensor_weight_is_read_from_the_tensor():
+    shadows, params = _inputs()
+    expected = [s.clone() for s in shadows]
+    ema_update_(expected, params, 0.25)
+    ema_update_(shadows, params, torch.tensor([0.25]))
+    for s, e in zip(shadows, expected):
+        torch.testing.assert_close(s, e, rtol=1e-6, atol=1e-6)
 
 
 def test_length_mismatch():

@@ -67,3 +67,17 @@ def test_repr_equality_and_pickling():
     assert hash(a) == hash(S.power_warmup(0.999, power=0.75))
     b = pickle.loads(pickle.dumps(a))
     assert b == a and b(50) == a(50)
+
+
+@pytest.mark.parametrize("sched", [
+    S.constant(0.999), S.num_updates_warmup(0.9999), S.tau_ramp(0.9999, tau=20),
+    S.power_warmup(0.999, inv_gamma=10, power=0.75, min_decay=0.5), S.power_warmup(0.9),
+    S.half_life(100), S.karras_power(gamma=16.97), S.swa(),
+], ids=repr)
+def test_tensor_form_matches_the_python_form(sched):
+    import torch
+    n = torch.tensor([float(x) for x in [1, 2, 3, 10, 57, 1000, 123457]], dtype=torch.float64)
+    got = sched.decay_tensor(n)
+    assert got.dtype == torch.float64 and got.shape == n.shape
+    for value, k in zip(got.tolist(), [1, 2, 3, 10, 57, 1000, 123457]):
+        assert value == pytest.approx(sched(k), rel=1e-14, abs=1e-15)
