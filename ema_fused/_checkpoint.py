@@ -1,4 +1,4 @@
-"""``EMA.state_dict`` / ``load_state_dict`` helpers: key matching and load checks."""
+"""``EMA.state_dict`` / ``load_state_dict``: the format, key matching and load checks."""
 from __future__ import annotations
 
 from typing import Mapping
@@ -48,3 +48,47 @@ def check_tensor(name: str, src: torch.Tensor, dst: torch.Tensor) -> None:
         raise TypeError(f"EMA.load_state_dict: shadow {name!r} is {dst.dtype} but the checkpoint "
                         f"holds {src.dtype}; loading would lose precision or change kind. "
                         "Make the EMA with a matching dtype= to load it")
+
+
+def _product(ema) -> float:
+    sched = ema._device_schedule
+    return ema._decay_product if sched is None else float(sched.product.item())
+
+
+def state_of(ema) -> dict:
+    """``EMA.state_dict()``: shadows by name (not copied), counters as Python numbers."""
+    return {
+        "format": FORMAT, "version": VERSION,
+        "shadows": {e.name: s for e, s in zip(ema._tracked.entries, ema._shadows)},
+        "step": ema.num_updates, "decay": ema.decay, "decay_product": _product(ema),
+        "bias_correction": ema.bias_correction,
+    }
+
+
+def load_into(ema, state_dict: dict, strict: bool) -> None:
+    """``EMA.load_state_dict()``: every check first, then the copies and counters."""
+    if not isinstance(state_dict, Mapping) or state_dict.get("format") != FORMAT:
+        raise ValueError("EMA.load_state_dict: not an ema_fused EMA state_dict")
+    if state_dict.get("version") != VERSION:
+        raise ValueError(f"EMA.load_state_dict: version {state_dict.get('version')} is not "
+                         f"supported (this ema_fused writes {VERSION})")
+    if bool(state_dict["bias_correction"]) != ema.bias_correction:
+        raise ValueError("EMA.load_state_dict: the checkpoint has bias_correction="
+                         f"{state_dict['bias_correction']}, this EMA {ema.bias_correction}")
+    names = [e.name for e in ema._tracked.entries]
+    theirs = state_dict["shadows"]
+    pairs, missing, unexpected = match_keys(names, theirs)
+    if strict and (missing or unexpected):
+        raise KeyError(f"EMA.load_state_dict: missing keys {missing}, "
+                       f"unexpected keys {unexpected}")
+    index = {n: i for i, n in enumerate(names)}
+    for name, key in pairs.items():
+        check_tensor(name, theirs[key], ema._shadows[index[name]])
+    with torch.no_grad():
+        for name, key in pairs.items():
+            ema._shadows[index[name]].copy_(theirs[key])
+    ema._step = int(state_dict["step"])
+    ema._decay = state_dict["decay"]
+    ema._decay_product = float(state_dict["decay_product"])
+    if ema._device_schedule is not None:
+        ema._device_schedule.load(ema._step, ema._decay, ema._decay_product)

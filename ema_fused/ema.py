@@ -1,17 +1,16 @@
 """The ``EMA`` class: which tensors, which decay, when; the kernels live below ``ops``."""
 from __future__ import annotations
 
-import contextlib
-from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from . import _backend, _checkpoint, _validate
 from ._capturable import DeviceSchedule
+from ._reads import AveragedReads
 from ._staging import copy_across_, update_across_
-from .ops import dispatch
-from ._tracking import Source, Tracked
+from ._tracking import Tracked
 from .schedules import constant
 
 _BUFFER_POLICIES = ("ema", "copy", "ignore")
@@ -23,7 +22,7 @@ def _positive_int(name: str, value: int, low: int) -> int:
     return value
 
 
-class EMA:
+class EMA(AveragedReads):
     """Exponential moving average of a model's weights, with FP32 master shadows.
 
     Each :meth:`update` does ``shadow <- decay * shadow + (1 - decay) * param`` for
@@ -210,131 +209,17 @@ class EMA:
             return next(iter(names.values()), "none")
         return ",".join(f"{d}={n}" for d, n in sorted(names.items(), key=str))
 
-    # ------------------------------------------------------------------ reads
-    def _read_scale(self) -> float:
-        if not self.bias_correction:
-            return 1.0
-        product = (self._decay_product if self._device_schedule is None
-                   else float(self._device_schedule.product.item()))
-        norm = 1.0 - product
-        if norm <= 0.0:
-            raise RuntimeError("EMA: with bias_correction=True the average is undefined until "
-                               "an update with decay < 1 has run")
-        return 1.0 / norm
-
-    def named_shadows(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """``(name, shadow)`` for every tracked name (raw shadows, no bias correction)."""
-        self._not_swapped("named_shadows")
-        for name, i in self._tracked.aliases.items():
-            yield name, self._shadows[i]
-
-    def averaged_weights(self) -> dict[str, torch.Tensor]:
-        """New tensors holding the averaged weights (bias-corrected), in the shadow dtypes."""
-        self._not_swapped("averaged_weights")
-        scale = self._read_scale()
-        out = {}
-        with torch.no_grad():
-            copies = [s * scale if e.averaged and scale != 1.0 else s.clone()
-                      for e, s in zip(self._tracked.entries, self._shadows)]
-        for name, i in self._tracked.aliases.items():
-            out[name] = copies[i]
-        return out
-
-    def copy_to(self, model: Optional[Source] = None) -> None:
-        """Write the averaged weights into ``model`` (default: the tracked model)."""
-        self._not_swapped("copy_to")
-        scale = self._read_scale()
-        targets = self._tracked.read(model)
-        pairs = list(zip(self._tracked.entries, targets, self._shadows))
-        with torch.no_grad():
-            copy_across_([t for e, t, _ in pairs if e.averaged],
-                         [s for e, _, s in pairs if e.averaged], scale, self._backend_request)
-            for e, t, s in pairs:
-                if not e.averaged:
-                    t.copy_(s)
-
-    def store(self, model: Optional[Source] = None) -> None:
-        """Keep a copy of the model's current tensors for :meth:`restore`."""
-        self._not_swapped("store")
-        with torch.no_grad():
-            self._backup = [t.clone() for t in self._tracked.read(model)]
-
-    def restore(self, model: Optional[Source] = None) -> None:
-        """Put back the tensors saved by :meth:`store` (and forget them)."""
-        if self._backup is None:
-            raise RuntimeError("EMA.restore: nothing stored; call store() first")
-        with torch.no_grad():
-            for t, b in zip(self._tracked.read(model), self._backup):
-                t.copy_(b)
-        self._backup = None
-
-    @contextlib.contextmanager
-    def average_parameters(self, model: Optional[Source] = None) -> Iterator[None]:
-        """Evaluate with the averaged weights inside the block; the model is always restored.
-
-        When every shadow has its model tensor's dtype and device (and there is no bias
-        correction to apply) the two are swapped in place, twice, with no backup copy of
-        the model; otherwise the model is stored, overwritten and restored.
-        """
-        targets = self._tracked.read(model)
-        if self.bias_correction or any(t.dtype != s.dtype or t.device != s.device
-                                       for t, s in zip(targets, self._shadows)):
-            self.store(model)
-            try:
-                self.copy_to(model)
-                yield
-            finally:
-                self.restore(model)
-            return
-        self._not_swapped("average_parameters")
-        with torch.no_grad():
-            dispatch("swap", targets, self._shadows, 0.0, self._backend_request)
-        self._swapped = True
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                dispatch("swap", targets, self._shadows, 0.0, self._backend_request)
-            self._swapped = False
-
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
         """Shadows and counters; loads with ``torch.load(weights_only=True)``."""
         self._not_swapped("state_dict")
-        return {
-            "format": _checkpoint.FORMAT, "version": _checkpoint.VERSION,
-            "shadows": {e.name: s for e, s in zip(self._tracked.entries, self._shadows)},
-            "step": self.num_updates, "decay": self.decay,
-            "decay_product": (self._decay_product if self._device_schedule is None
-                              else float(self._device_schedule.product.item())),
-            "bias_correction": self.bias_correction,
-        }
+        return _checkpoint.state_of(self)
 
     def load_state_dict(self, state_dict: dict, strict: bool = True) -> None:
-        """Load :meth:`state_dict` output; checks everything before changing anything."""
+        """Load :meth:`state_dict` output; checks everything before changing anything.
+
+        Missing or unexpected shadows raise under ``strict``; keys with ``module.`` or
+        ``_orig_mod.`` segments match their plain names; nothing is ever downcast.
+        """
         self._not_swapped("load_state_dict")
-        if state_dict.get("format") != _checkpoint.FORMAT:
-            raise ValueError("EMA.load_state_dict: not an ema_fused EMA state_dict")
-        if state_dict.get("version") != _checkpoint.VERSION:
-            raise ValueError(f"EMA.load_state_dict: version {state_dict.get('version')} is not "
-                             f"supported (this ema_fused writes {_checkpoint.VERSION})")
-        if bool(state_dict["bias_correction"]) != self.bias_correction:
-            raise ValueError("EMA.load_state_dict: the checkpoint has bias_correction="
-                             f"{state_dict['bias_correction']}, this EMA {self.bias_correction}")
-        names = [e.name for e in self._tracked.entries]
-        theirs = state_dict["shadows"]
-        pairs, missing, unexpected = _checkpoint.match_keys(names, theirs)
-        if strict and (missing or unexpected):
-            raise KeyError(f"EMA.load_state_dict: missing keys {missing}, "
-                           f"unexpected keys {unexpected}")
-        index = {n: i for i, n in enumerate(names)}
-        for name, key in pairs.items():
-            _checkpoint.check_tensor(name, theirs[key], self._shadows[index[name]])
-        with torch.no_grad():
-            for name, key in pairs.items():
-                self._shadows[index[name]].copy_(theirs[key])
-        self._step = int(state_dict["step"])
-        self._decay = state_dict["decay"]
-        self._decay_product = float(state_dict["decay_product"])
-        if self._device_schedule is not None:
-            self._device_schedule.load(self._step, self._decay, self._decay_product)
+        _checkpoint.load_into(self, state_dict, strict)
