@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# GPU check for a machine with a GPU and no network, run from a checkout:
+#
+#   bash scripts/gpu_check.sh [OUT_DIR]          # default: $OUT, else gpu_results
+#
+# 1. installs this checkout into the python3 on PATH without touching its torch/Triton
+#    (pip --no-deps --no-build-isolation --no-index -e .); with EMA_FUSED_BUILD_EXT=1 it
+#    then tries the C++/CUDA extension build too (a failure is logged, the run goes on);
+# 2. records the environment (python -m ema_fused, nvidia-smi);
+# 3. runs the GPU tests (pytest -m gpu), then the whole tests folder;
+# 4. with EMA_SANITIZE=1 and compute-sanitizer on PATH, the GPU tests under memcheck;
+# 5. the full benchmark suite, benchmarks/run.py --out OUT_DIR (extra run.py arguments in
+#    $BENCH_ARGS, e.g. BENCH_ARGS="--models llama-1.1b");
+# and prints a status table and ema_fused's speed-ups last.  Everything lands in OUT_DIR,
+# at most 8 files: setup.log, tests.log, sanitizer.log, bench.log, summary.txt and the
+# suite's bench_<gpu>_<date>.{json,md,png}.  EMA_SKIP_TESTS=1 / EMA_SKIP_BENCH=1 leave a
+# part out (e.g. to fit a time limit).  Exit status: non-zero if any step failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+OUT_DIR="${1:-${OUT:-gpu_results}}"
+mkdir -p "$OUT_DIR"
+SUMMARY="$OUT_DIR/summary.txt"
+: > "$SUMMARY"
+failed=0
+
+# step NAME LOG COMMAND...: run COMMAND, show its output and append it to LOG, record the status.
+step() {
+    local name="$1" log="$2"
+    shift 2
+    local t0=$SECONDS
+    echo "== $name: $*" | tee -a "$log"
+    "$@" 2>&1 | tee -a "$log"
+    local rc=${PIPESTATUS[0]}
+    [ $rc -eq 0 ] || failed=1
+    printf '%-28s exit %-3s %5ss  %s\n' "$name" "$rc" "$((SECONDS - t0))" "$log" >> "$SUMMARY"
+    return $rc
+}
+
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
+PIP=("$PY" -m pip install --no-deps --no-build-isolation --no-index -e .)
+step install "$OUT_DIR/setup.log" "${PIP[@]}"
+if [ "${EMA_FUSED_BUILD_EXT:-0}" != "0" ]; then
+    step "build extension" "$OUT_DIR/setup.log" env EMA_FUSED_BUILD_EXT=1 "${PIP[@]}"
+fi
+step "environment" "$OUT_DIR/setup.log" "$PY" -m ema_fused
+if command -v nvidia-smi > /dev/null; then
+    step "nvidia-smi" "$OUT_DIR/setup.log" nvidia-smi
+fi
+
+if [ "${EMA_SKIP_TESTS:-0}" = "0" ]; then
+    step "tests -m gpu" "$OUT_DIR/tests.log" "$PY" -m pytest -q -ra -p no:cacheprovider tests -m gpu
+    step "tests (all)" "$OUT_DIR/tests.log" "$PY" -m pytest -q -ra -p no:cacheprovider tests
+    if [ "${EMA_SANITIZE:-0}" != "0" ]; then
+        if command -v compute-sanitizer > /dev/null; then
+            step "compute-sanitizer memcheck" "$OUT_DIR/sanitizer.log" compute-sanitizer \
+                --tool memcheck --error-exitcode 1 "$PY" -m pytest -q -x -p no:cacheprovider \
+                tests -m gpu
+        else
+            echo "compute-sanitizer not on PATH: skipped" >> "$SUMMARY"
+        fi
+    fi
+fi
+
+if [ "${EMA_SKIP_BENCH:-0}" = "0" ]; then
+    # shellcheck disable=SC2086  # BENCH_ARGS is a list of words on purpose
+    step "benchmark suite" "$OUT_DIR/bench.log" "$PY" benchmarks/run.py --out "$OUT_DIR" \
+        ${BENCH_ARGS:-}
+fi
+
+echo
+echo "== gpu_check summary ($OUT_DIR)"
+cat "$SUMMARY"
+grep -h -E " in [0-9.]+s( \([0-9:]+\))?( =+)?$" "$OUT_DIR/tests.log" 2>/dev/null
+table=$(ls -t "$OUT_DIR"/bench_*.md 2>/dev/null | head -n 1)
+if [ -n "$table" ]; then
+    echo
+    sed -n '/^### Speed-up of ema_fused/,$p' "$table"
+fi
+exit $failed
