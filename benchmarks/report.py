@@ -147,7 +147,10 @@ def markdown(result: dict) -> str:
              "GB/s counts the bytes an update must move (param read + shadow read + shadow "
              "write); **bold shadows** keep the model dtype: fewer bytes, not FP32 master "
              "shadows. \"ema_fused faster by\": this row's median over the fastest ema_fused "
-             "backend's. CPU ms: host process time per call (all threads).", ""]
+             "backend's. CPU ms: host process time per call (all threads)."
+             + (" On a CPU the copy also reads every destination line before writing it "
+                "(write-allocate), so an in-place update can exceed 100% of it."
+                if cfg["device"].startswith("cpu") else ""), ""]
     for case in result["cases"]:
         lines += case_table(case) + [""]
     lines += ["### Speed-up of ema_fused against each peer (peer median / ema_fused median)", ""]

@@ -173,9 +173,9 @@ def parse_args(argv):
     ap.add_argument("--dtypes", nargs="+", choices=sorted(models.DTYPES),
                     default=["bf16", "fp16", "fp32"], help="param dtypes (shadows are fp32)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--repeats", type=int, help="timed rounds (default: 20 on a GPU, 7 on the CPU)")
-    ap.add_argument("--warmup", type=int, help="untimed rounds after each provider's first "
-                    "update (default: 3 on a GPU, 1 on the CPU)")
+    ap.add_argument("--repeats", type=int, help="timed rounds (default: 20 on a GPU, 11 on the CPU)")
+    ap.add_argument("--warmup", type=int, default=3,
+                    help="untimed rounds after each provider's first update")
     ap.add_argument("--decay", type=float, default=DECAY)
     ap.add_argument("--max-copies", type=int, default=MAX_COPIES,
                     help="most input copies a small model is rotated through (cache flushing)")
@@ -195,8 +195,8 @@ def main(argv=None) -> int:
         torch.cuda.set_device(device)
     gpu = device.type == "cuda"
     names = args.models or list(models.QUICK if args.quick else models.FULL)
-    repeats = args.repeats or (20 if gpu else 7)
-    warmup = args.warmup if args.warmup is not None else (3 if gpu else 1)
+    repeats = args.repeats or (20 if gpu else 11)
+    warmup = args.warmup
     usable, skipped = providers.discover(device)
     machine = report.machine_info(device)
     config = {"models": names, "dtypes": args.dtypes, "device": str(device), "quick": args.quick,

@@ -6,7 +6,7 @@
 Environment: ``EMA_BENCH_SIZE`` = ``tiny`` | ``quick`` (default) | ``full`` picks the
 models (``models.TINY`` / ``QUICK`` / ``FULL``); ``EMA_BENCH_DTYPES`` (default
 ``bf16,fp16,fp32``); ``EMA_BENCH_DEVICE`` (default cuda when available);
-``EMA_BENCH_ROUNDS`` (default 20 on a GPU, 7 on the CPU).  One test per
+``EMA_BENCH_ROUNDS`` (default 20 on a GPU, 11 on the CPU).  One test per
 (model, dtype, provider), grouped by model and dtype; a provider that cannot run
 here, or would not fit in memory, is skipped with the reason.  On a GPU each round
 is the update plus a synchronize (pytest-benchmark times with the host clock).
@@ -31,7 +31,7 @@ DEVICE = torch.device(os.environ.get("EMA_BENCH_DEVICE")
 SIZE = os.environ.get("EMA_BENCH_SIZE", "quick")
 MODELS = {"tiny": models.TINY, "quick": models.QUICK, "full": models.FULL}[SIZE]
 DTYPES = [d for d in os.environ.get("EMA_BENCH_DTYPES", "bf16,fp16,fp32").split(",") if d]
-ROUNDS = int(os.environ.get("EMA_BENCH_ROUNDS") or (20 if DEVICE.type == "cuda" else 7))
+ROUNDS = int(os.environ.get("EMA_BENCH_ROUNDS") or (20 if DEVICE.type == "cuda" else 11))
 
 USABLE, SKIPPED = providers.discover(DEVICE)
 BY_NAME = {p.name: p for p in USABLE}

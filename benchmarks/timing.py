@@ -13,7 +13,12 @@ Caches.  Each call gets inputs that the previous calls did not leave in the cach
 a case whose tensors are smaller than twice the last-level cache (GPU L2, CPU L3)
 is built several times (up to 8 copies, each with its own provider state) and
 successive calls rotate through the copies.  The built-in full-size models are
-larger than any cache, so they run on one copy.
+larger than any cache, so they run on one copy (the tiny CI models stay cache-sized).
+
+CPU caveat: providers that allocate large temporaries pay page faults whenever
+glibc hands the memory back to the kernel between calls, so their times depend on
+what ran before them; round-robin gives every provider the same mix, and the
+warm-up rounds absorb the first touches of a fresh process.
 """
 from __future__ import annotations
 
