@@ -31,7 +31,8 @@ def load(paths: list[str]) -> list[dict]:
         if result.get("schema") != report.SCHEMA:
             raise SystemExit(f"{path}: not an ema_fused benchmark result ({report.SCHEMA})")
         m = result["machine"]
-        result["label"] = f"{m['device_name']} @ {(m['git_commit'] or '?')[:7]}"
+        dirty = "+" if m.get("git_dirty") else ""  # run from uncommitted changes
+        result["label"] = f"{m['device_name']} @ {(m['git_commit'] or '?')[:7]}{dirty}"
         runs.append(result)
     seen: dict[str, int] = {}
     for r in runs:  # the same device and commit twice: tell them apart by date

@@ -43,6 +43,10 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
+def _dot(_round: int) -> None:
+    print(".", end="", flush=True)
+
+
 def plan(usable: list, spec: models.ModelSpec, dtype: torch.dtype, copies: int,
          free: int) -> tuple[str, list, dict]:
     """``(schedule, providers that fit, {name: why skipped})`` for one case."""
@@ -123,15 +127,16 @@ def run_case(spec: models.ModelSpec, dtype_name: str, device: torch.device, usab
             except Exception as exc:  # a peer's API drift must not end the run
                 case["skipped"][p.name] = f"failed: {type(exc).__name__}: {exc}"
                 _log(f"    {p.name}: FAILED ({type(exc).__name__}: {exc})")
-        if len(group) > 1:
-            _log(f"    timing {len(fns)} providers round-robin, {warmup} + {repeats} rounds ...")
+        print(f"    timing {', '.join(fns) if len(fns) == 1 else f'{len(fns)} providers'}, "
+              f"{warmup} + {repeats} rounds ", end="", flush=True)
         try:
-            samples = timing.round_robin(fns, device, repeats, warmup)
+            samples = timing.round_robin(fns, device, repeats, warmup, _dot)
         except Exception as exc:  # e.g. out of memory; alone, it costs only this provider
             if len(fns) != 1:
                 raise
             samples = {}
             case["skipped"][group[0].name] = f"failed while timed: {type(exc).__name__}: {exc}"
+        print(flush=True)
         for p in group:
             if p.name not in samples:
                 continue
@@ -173,7 +178,8 @@ def parse_args(argv):
     ap.add_argument("--dtypes", nargs="+", choices=sorted(models.DTYPES),
                     default=["bf16", "fp16", "fp32"], help="param dtypes (shadows are fp32)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--repeats", type=int, help="timed rounds (default: 20 on a GPU, 11 on the CPU)")
+    ap.add_argument("--repeats", type=int,
+                    help="timed rounds (default: 20 on a GPU, 11 on the CPU)")
     ap.add_argument("--warmup", type=int, default=3,
                     help="untimed rounds after each provider's first update")
     ap.add_argument("--decay", type=float, default=DECAY)

@@ -60,11 +60,13 @@ def _sync(device: torch.device) -> None:
 
 
 def round_robin(fns: dict[str, Sequence[Update]], device: torch.device, repeats: int,
-                warmup: int) -> dict[str, Samples]:
+                warmup: int, on_round: Optional[Callable[[int], None]] = None
+                ) -> dict[str, Samples]:
     """Time each provider's update ``repeats`` times, all providers interleaved.
 
     ``fns[name]`` holds one update per input copy; call number ``c`` (counted over
     all providers) uses copy ``c % copies``, so consecutive calls never share inputs.
+    ``on_round(r)`` is called after each round (progress display).
     """
     names = list(fns)
     out = {n: Samples() for n in names}
@@ -97,6 +99,8 @@ def round_robin(fns: dict[str, Sequence[Update]], device: torch.device, repeats:
                 s.host_ms.append((t1 - t0) * 1e3)
                 s.cpu_ms.append((c1 - c0) * 1e3)
                 s.times_ms.append(start.elapsed_time(end) if cuda else (t1 - t0) * 1e3)
+            if on_round:
+                on_round(r)
     finally:
         gc.enable()
     return out
