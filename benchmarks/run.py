@@ -127,16 +127,9 @@ def run_case(spec: models.ModelSpec, dtype_name: str, device: torch.device, usab
             except Exception as exc:  # a peer's API drift must not end the run
                 case["skipped"][p.name] = f"failed: {type(exc).__name__}: {exc}"
                 _log(f"    {p.name}: FAILED ({type(exc).__name__}: {exc})")
-        print(f"    timing {', '.join(fns) if len(fns) == 1 else f'{len(fns)} providers'}, "
-              f"{warmup} + {repeats} rounds ", end="", flush=True)
-        try:
-            samples = timing.round_robin(fns, device, repeats, warmup, _dot)
-        except Exception as exc:  # e.g. out of memory; alone, it costs only this provider
-            if len(fns) != 1:
-                raise
-            samples = {}
-            case["skipped"][group[0].name] = f"failed while timed: {type(exc).__name__}: {exc}"
-        print(flush=True)
+        if not fns:
+            continue
+        samples = _time(fns, device, repeats, warmup, case["skipped"])
         for p in group:
             if p.name not in samples:
                 continue
@@ -152,6 +145,26 @@ def run_case(spec: models.ModelSpec, dtype_name: str, device: torch.device, usab
     timing.release(device)
     _derive(case)
     return case
+
+
+def _time(fns: dict, device: torch.device, repeats: int, warmup: int, skipped: dict) -> dict:
+    """Round-robin timing; if that fails (e.g. out of memory), each provider alone."""
+    print(f"    timing {', '.join(fns) if len(fns) == 1 else f'{len(fns)} providers'}, "
+          f"{warmup} + {repeats} rounds ", end="", flush=True)
+    try:
+        samples = timing.round_robin(fns, device, repeats, warmup, _dot)
+    except Exception as exc:
+        print(f" failed: {type(exc).__name__}: {exc}", flush=True)
+        if len(fns) == 1:
+            skipped.update({n: f"failed while timed: {type(exc).__name__}: {exc}" for n in fns})
+            return {}
+        timing.release(device)
+        samples = {}
+        for name, fn in fns.items():
+            samples.update(_time({name: fn}, device, repeats, warmup, skipped))
+        return samples
+    print(flush=True)
+    return samples
 
 
 def _derive(case: dict) -> None:

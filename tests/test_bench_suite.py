@@ -124,6 +124,27 @@ def test_memory_plan():
     assert "GiB" in skipped["ema_fused[foreach]"]
 
 
+def test_a_failing_provider_is_reported_not_fatal(capsys):
+    calls = []
+
+    def breaks_on_third_call(model, decay):
+        def update():
+            calls.append(1)
+            if len(calls) > 2:
+                raise RuntimeError("boom")
+        return update
+
+    usable, _ = providers.discover(torch.device("cpu"))
+    bad = providers.Provider("bad", "peer", "raises once timed", breaks_on_third_call)
+    broken = providers.Provider("broken", "peer", "raises when made",
+                                lambda m, d: (_ for _ in ()).throw(TypeError("no such arg")))
+    case = run.run_case(models.SPECS["llama-tiny"], "bf16", torch.device("cpu"),
+                        usable[:1] + [bad, broken], repeats=2, warmup=1, max_copies=1)
+    assert set(case["results"]) == {usable[0].name}
+    assert case["skipped"]["bad"] == "failed while timed: RuntimeError: boom"
+    assert case["skipped"]["broken"].startswith("failed: TypeError")
+
+
 def test_pytest_benchmark_entry_point(tmp_path):
     pytest.importorskip("pytest_benchmark")
     env = dict(os.environ, EMA_BENCH_SIZE="tiny", EMA_BENCH_DTYPES="bf16", EMA_BENCH_ROUNDS="2",
