@@ -56,7 +56,8 @@ def tiny_run(tmp_path_factory):
 def test_run_writes_json_table_and_plot_with_every_provider(tiny_run, capsys):
     path, result = tiny_run
     assert path.with_suffix(".md").exists()
-    assert path.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    if _importable("matplotlib"):  # the plot is optional; CI installs the bench extra
+        assert path.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     assert expected_here() >= {"ema_fused[foreach]", "naive loop", "copy (roofline)"}
     assert [(c["model"], c["dtype"]) for c in result["cases"]] == [
         ("llama-tiny", "bf16"), ("llama-tiny", "fp32"), ("mix500-tiny", "bf16"),
@@ -108,7 +109,8 @@ def test_compare_merges_runs(tiny_run, tmp_path, capsys):
     assert "Other device" in table and result["machine"]["device_name"] in table
     for name in expected_here():
         assert name in table
-    assert (tmp_path / "x.png").read_bytes()[:4] == b"\x89PNG"
+    if _importable("matplotlib"):
+        assert (tmp_path / "x.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_memory_plan():
