@@ -184,7 +184,8 @@ def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true",
                     help=f"only {', '.join(models.QUICK)} (minutes on a 2-core CPU)")
-    ap.add_argument("--out", default="benchmarks/out", help="folder for the JSON, table and plot")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "out"),
+                    help="folder for the JSON, table and plot (default: benchmarks/out)")
     ap.add_argument("--models", nargs="+", choices=sorted(models.SPECS),
                     help=f"default: {' '.join(models.FULL)} "
                     f"({' '.join(models.QUICK)} with --quick)")
