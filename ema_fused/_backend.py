@@ -38,9 +38,13 @@ class Backend:
                  reasons: Callable[[Optional[torch.device]], list[str]],
                  auto_device_types: Optional[tuple[str, ...]] = None,
                  swap_: Optional[Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor]], None]]
-                 = None) -> None:
+                 = None, prepare: Optional[Callable] = None) -> None:
         self.name = name
         self.swap_ = swap_
+        # prepare(shadows, params) -> object with update_(weight) and copy_(scale) that
+        # skips per-call checks and table look-ups; only for callers that re-check the
+        # tensors' addresses, dtypes and layouts before each reuse (EMA does)
+        self.prepare = prepare
         # device types where ``auto`` may take it (None: wherever it can run); the
         # Triton interpreter can run on the CPU, but only a test would want that
         self.auto_device_types = auto_device_types

@@ -89,6 +89,24 @@ def copy_(dst, src, scale: float) -> None:
         fallback.copy_(rest_d, rest_s, scale)
 
 
+class _Prepared:
+    """Pairs split once into kernel pairs (with their tables) and fallback pairs."""
+
+    def __init__(self, shadows, params) -> None:
+        ok, self.rest_s, self.rest_p = _split(shadows, params)
+        self.kernels = _launcher().Prepared(ok)
+
+    def update_(self, weight) -> None:
+        self.kernels.update_(weight)
+        if self.rest_s:
+            fallback.update_(self.rest_s, self.rest_p, weight)
+
+    def copy_(self, scale: float) -> None:
+        self.kernels.copy_(scale)
+        if self.rest_s:
+            fallback.copy_(self.rest_s, self.rest_p, scale)
+
+
 def swap_(a, b) -> None:
     ok, rest_a, rest_b = _split(a, b)
     _launcher().swap(ok)
@@ -98,4 +116,4 @@ def swap_(a, b) -> None:
 
 register_backend(Backend(
     "triton", "Triton kernels: one launch per device per update, any dtype mix",
-    update_, copy_, _reasons, auto_device_types=("cuda",), swap_=swap_))
+    update_, copy_, _reasons, auto_device_types=("cuda",), swap_=swap_, prepare=_Prepared))

@@ -11,9 +11,18 @@ from ._capturable import DeviceSchedule
 from ._reads import AveragedReads
 from ._staging import copy_across_, update_across_
 from ._tracking import Tracked
+from .ops import group_by_device
 from .schedules import constant
 
 _BUFFER_POLICIES = ("ema", "copy", "ignore")
+
+
+class _Plan:
+    """One update's work: averaged pairs, their per-device backends, copied pairs."""
+
+    def __init__(self, ema_s: list, ema_p: list, copy_s: list, copy_p: list) -> None:
+        self.ema_s, self.ema_p, self.copy_s, self.copy_p = ema_s, ema_p, copy_s, copy_p
+        self.groups: Optional[list] = None  # [(backend, shadows, params, prepared)]; None: staged
 
 
 def _positive_int(name: str, value: int, low: int) -> int:
@@ -93,6 +102,7 @@ class EMA(AveragedReads):
             self._device_schedule = DeviceSchedule(devices.pop(), schedule,
                                                    self.update_after_step, self.update_every)
         self._decay_product = 1.0
+        self._plan: Optional[tuple[tuple, _Plan]] = None
         self._backup: Optional[list[torch.Tensor]] = None
         self._swapped = False  # inside average_parameters(): shadows hold the model's weights
 
@@ -150,42 +160,70 @@ class EMA(AveragedReads):
             decay = _validate.check_scalar(
                 "EMA", f"decay from schedule {self.schedule!r} at n={step - self.update_after_step}",
                 self.schedule(step - self.update_after_step))
-        live = self._read_following()
-        ema_s, ema_p, copy_s, copy_p = self._split(live)
-        with torch.no_grad():
-            if decay == 0.0:
-                copy_across_(ema_s, ema_p, 1.0, self._backend_request)
-            else:
-                update_across_(ema_s, ema_p, 1.0 - decay, self._backend_request)
-            for s, p in zip(copy_s, copy_p):
-                s.copy_(p)
+        self._average(0.0 if decay == 0.0 else 1.0 - decay, copy=decay == 0.0)
         self._decay = decay
         self._decay_product *= decay
-        self.backend = self._backend_names()
 
     def _update_on_device(self, step: Optional[int]) -> None:
         """The capturable update: the same rules, evaluated by device ops (no host sync)."""
         if step is not None:
             raise ValueError("EMA: with capturable=True the step is counted on the device; "
                              "call update() without a step")
-        live = self._read_following()
-        ema_s, ema_p, copy_s, copy_p = self._split(live)
         sched = self._device_schedule
         sched.advance()
-        with torch.no_grad():
-            update_across_(ema_s, ema_p, sched.weight, self._backend_request)
-            for s, p in zip(copy_s, copy_p):
-                s.copy_(torch.where(sched.active, p.to(s.device), s))
-        self.backend = self._backend_names()
+        self._average(sched.weight, copy=False, active=sched.active)
 
-    def _read_following(self) -> list[torch.Tensor]:
-        """The live tensors; shadows made beside a tensor move when that tensor moved."""
-        live = self._tracked.read()
+    def _average(self, weight, copy: bool, active: Optional[torch.Tensor] = None) -> None:
+        """One pass over every tracked tensor: average (or copy) the float ones, copy the rest.
+
+        ``active`` (capturable mode): a device bool; where false the copies keep their value.
+        """
+        plan = self._plan_for(self._tracked.read())
+        with torch.no_grad():
+            if plan.groups is None:  # some shadows live on another device: staged copies
+                run = copy_across_ if copy else update_across_
+                run(plan.ema_s, plan.ema_p, 1.0 if copy else weight, self._backend_request)
+            else:
+                for impl, shadows, params, prepared in plan.groups:
+                    if prepared is not None and copy:
+                        prepared.copy_(1.0)
+                    elif prepared is not None:
+                        prepared.update_(weight)
+                    elif copy:
+                        impl.copy_(shadows, params, 1.0)
+                    else:
+                        impl.update_(shadows, params, weight)
+            for s, p in zip(plan.copy_s, plan.copy_p):
+                s.copy_(p if active is None else torch.where(active, p.to(s.device), s))
+
+    def _plan_for(self, live: list[torch.Tensor]) -> "_Plan":
+        """The pairs and their backends, reused while every live tensor keeps its address,
+        dtype, device and contiguity (its shape is checked on every read), so a replaced
+        storage is never written through an old plan.
+
+        Rebuilding costs several passes over the tensors; the check is one.
+        """
+        key = tuple([(t.data_ptr(), t.dtype, t.get_device(), t.is_contiguous()) for t in live])
+        if self._plan is not None and self._plan[0] == key:
+            return self._plan[1]
+        self._follow_devices(live)
+        plan = _Plan(*self._split(live))
+        if all(s.device == p.device for s, p in zip(plan.ema_s, plan.ema_p)):
+            plan.groups = []
+            for dev, (ga, gb) in group_by_device(plan.ema_s, plan.ema_p).items():
+                impl = _backend.select(self._backend_request, dev)
+                prepared = impl.prepare(ga, gb) if impl.prepare is not None else None
+                plan.groups.append((impl, ga, gb, prepared))
+        self._plan = (key, plan)
+        self.backend = self._backend_names()
+        return plan
+
+    def _follow_devices(self, live: list[torch.Tensor]) -> None:
+        """Shadows made beside a tensor (``device=None``) move when that tensor moved."""
         if self._device is None:
             for i, (s, t) in enumerate(zip(self._shadows, live)):
                 if s.device != t.device:
                     self._shadows[i] = s.to(t.device)
-        return live
 
     def _split(self, live):
         ema_s, ema_p, copy_s, copy_p = [], [], [], []

@@ -23,7 +23,7 @@ from . import fallback as _fallback  # noqa: F401  (registers the "foreach" back
 Tensors = Sequence[torch.Tensor]
 
 
-def _by_device(a: Tensors, b: Tensors) -> dict[torch.device, tuple[list, list]]:
+def group_by_device(a: Tensors, b: Tensors) -> dict[torch.device, tuple[list, list]]:
     groups: dict[torch.device, tuple[list, list]] = {}
     for x, y in zip(a, b):
         ga, gb = groups.setdefault(x.device, ([], []))
@@ -38,7 +38,7 @@ def dispatch(kind: str, a: Tensors, b: Tensors, scalar: float, backend: str) -> 
     No input checks: for callers that already hold checked inputs (``EMA`` makes its
     shadows itself and checks each model tensor's shape and dtype as it reads it).
     """
-    groups = _by_device(a, b)
+    groups = group_by_device(a, b)
     chosen = [(_backend.select(backend, dev), ga, gb) for dev, (ga, gb) in groups.items()]
     with torch.no_grad():  # params that require grad must not make the shadows part of a graph
         for impl, ga, gb in chosen:

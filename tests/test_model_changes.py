@@ -112,3 +112,40 @@ def test_list_ema_follows_tensor_objects():
     torch.testing.assert_close(_shadow(ema, "0"), torch.full((3,), 0.5))
     with pytest.raises(ModelChangedError, match="expected 1 tensors, got 2"):
         ema.copy_to([w, w])
+
+
+def test_reused_plan_follows_storage_replaced_after_several_updates():
+    model = make_model()
+    ema = EMA(model, decay=0.5)
+    for _ in range(3):  # the plan is built once, then reused
+        ema.update()
+    plan = ema._plan
+    ema.update()
+    assert ema._plan is plan
+    start = _shadow(ema, "0.weight").clone()
+    old = model[0].weight.data
+    model[0].weight.data = torch.full_like(old, 5.0)
+    old.fill_(-7.0)
+    ema.update()
+    assert ema._plan is not plan
+    torch.testing.assert_close(_shadow(ema, "0.weight"), 0.5 * start + 2.5)
+
+
+def test_same_address_new_dtype_or_layout_rebuilds_the_plan():
+    w = nn.Parameter(torch.arange(16.0).view(4, 4))
+    ema = EMA([w], decay=0.5, dtype=None)
+    ema.update()
+    plan = ema._plan
+    w.data = w.data.t()  # same storage, same shape, transposed layout
+    assert w.data_ptr() == w.data.t().data_ptr()
+    start = _shadow(ema, "0").clone()
+    ema.update()
+    assert ema._plan is not plan
+    torch.testing.assert_close(_shadow(ema, "0"), 0.5 * start + 0.5 * w.detach())
+    v = nn.Parameter(torch.zeros(4, dtype=torch.bfloat16))
+    ema_v = EMA([v], decay=0.5)
+    ema_v.update()
+    plan_v = ema_v._plan
+    v.data = v.data.view(torch.float16)  # same address and shape, another dtype
+    ema_v.update()
+    assert ema_v._plan is not plan_v and _shadow(ema_v, "0").dtype == torch.float32

@@ -208,3 +208,14 @@ def test_average_parameters_swaps_with_the_triton_kernel(monkeypatch):
         assert all(torch.equal(t, shadows[n]) for n, t in model.state_dict().items())
     assert kernels == [launch.swap_kernel, launch.swap_kernel]
     assert all(torch.equal(t, raw[n]) for n, t in model.state_dict().items())
+
+
+def test_ema_plan_reuse_and_a_transposed_parameter():
+    w = torch.nn.Parameter(torch.arange(4096.0).view(64, 64))
+    ema = EMA([w], decay=0.5, backend="triton")
+    ema.update()
+    ema.update()  # reuses the prepared tables
+    start = dict(ema.named_shadows())["0"].clone()
+    w.data = w.data.t()  # same address, now non-contiguous: must not reuse the tables
+    ema.update()
+    torch.testing.assert_close(dict(ema.named_shadows())["0"], 0.5 * start + 0.5 * w.detach())

@@ -51,6 +51,7 @@ class Plan:
                  device: torch.device) -> None:
         anchor = _anchor(device)
         base = anchor.data_ptr()
+        self.device = device
         self.views = tuple(anchor.view(dt) for dt in CODES)  # f32, bf16, f16 anchors
         rows, counts = [], []
         for a, b in pairs:
@@ -83,15 +84,17 @@ def plan_for(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], device: torch.d
     return plan
 
 
-def _launch(kernel, pairs, *scalars, **meta) -> None:
-    pairs = [(a, b) for a, b in pairs if a.numel()]
-    if not pairs:
-        return
-    device = pairs[0][0].device
-    plan = plan_for(pairs, device)
-    with torch.cuda.device(device) if device.type == "cuda" else _nullcontext():
+def run(kernel, plan: Plan, *scalars, **meta) -> None:
+    """Launch ``kernel`` once over every tile of ``plan``."""
+    with torch.cuda.device(plan.device) if plan.device.type == "cuda" else _nullcontext():
         kernel[(plan.n_tiles,)](plan.tensors, plan.tiles, *plan.views, *scalars,
                                 BLOCK=BLOCK, num_warps=NUM_WARPS, **meta)
+
+
+def _launch(kernel, pairs, *scalars, **meta) -> None:
+    pairs = [(a, b) for a, b in pairs if a.numel()]
+    if pairs:
+        run(kernel, plan_for(pairs, pairs[0][0].device), *scalars, **meta)
 
 
 class _nullcontext:
@@ -105,18 +108,16 @@ class _nullcontext:
 def update(pairs, weight: float, weight_ptr: Optional[torch.Tensor] = None) -> None:
     """``a += weight * (b - a)`` for every supported pair, one launch.
 
-    With ``weight_ptr`` (a 1-element device tensor) the weight is read on the device,
-    so a captured CUDA graph replays with whatever value it holds then.
+    With ``weight_ptr`` (a 1-element float32 device tensor) the weight is read on the
+    device, so a captured CUDA graph replays with whatever value it holds then.
     """
-    _launch(update_kernel, pairs, float(weight),
-            weight_ptr if weight_ptr is not None else _dummy(pairs),
+    _launch(update_kernel, pairs, *_scalar_args(weight, weight_ptr, pairs),
             WEIGHT_FROM_PTR=weight_ptr is not None)
 
 
 def copy(pairs, scale: float, scale_ptr: Optional[torch.Tensor] = None) -> None:
     """``a = b * scale`` rounded once into ``a``'s dtype, one launch."""
-    _launch(copy_kernel, pairs, float(scale),
-            scale_ptr if scale_ptr is not None else _dummy(pairs),
+    _launch(copy_kernel, pairs, *_scalar_args(scale, scale_ptr, pairs),
             SCALE_FROM_PTR=scale_ptr is not None)
 
 
@@ -128,5 +129,30 @@ def swap(pairs) -> None:
     _launch(swap_kernel, pairs)
 
 
-def _dummy(pairs) -> torch.Tensor:
-    return next((a for a, _ in pairs if a.numel()), torch.empty(0))
+def _scalar_args(value: float, ptr: Optional[torch.Tensor], pairs) -> tuple:
+    """The scalar and the pointer it may be read from (an unused fp32 anchor when None)."""
+    if ptr is None:
+        device = next((a.device for a, _ in pairs), torch.device("cpu"))
+        ptr = _anchor(device).view(torch.float32)
+    return float(value), ptr
+
+
+class Prepared:
+    """A plan held by a caller that vouches for its tensors (``EMA`` checks every
+    address, dtype and layout before each reuse): launches skip all per-tensor work."""
+
+    def __init__(self, pairs) -> None:
+        pairs = [(a, b) for a, b in pairs if a.numel()]
+        self.plan = plan_for(pairs, pairs[0][0].device) if pairs else None
+
+    def update_(self, weight) -> None:
+        if self.plan is None:
+            return
+        from_ptr = isinstance(weight, torch.Tensor)
+        ptr = weight if from_ptr else self.plan.views[0]
+        run(update_kernel, self.plan, 0.0 if from_ptr else float(weight), ptr,
+            WEIGHT_FROM_PTR=from_ptr)
+
+    def copy_(self, scale: float) -> None:
+        if self.plan is not None:
+            run(copy_kernel, self.plan, float(scale), self.plan.views[0], SCALE_FROM_PTR=False)
