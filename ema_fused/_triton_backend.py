@@ -56,7 +56,35 @@ def _reasons(device: Optional[torch.device]) -> list[str]:
             return [f"Triton does not run on {device.type} tensors"]
     if _launcher() is None:
         return [_load_error or "the Triton kernels failed to import"]
+    if device is not None:
+        failure = _probe(device)
+        if failure:
+            return [failure]
     return []
+
+
+_probed: dict[torch.device, Optional[str]] = {}
+
+
+def _probe(device: torch.device) -> Optional[str]:
+    """Compile and run the update kernel once per device on a tiny mixed-dtype pair and
+    check the result, so that a Triton that cannot build or run it here makes ``auto``
+    fall back (and a request by name fail with the reason) before any real tensor is
+    touched.  One sync, at the first use on the device."""
+    if device.index is None and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device not in _probed:
+        try:
+            n = 2 * _kernels.BLOCK + 5  # a full aligned tile and a masked tail
+            shadow = torch.zeros(n, dtype=torch.float32, device=device)
+            param = torch.ones(n, dtype=torch.bfloat16, device=device)
+            _kernels.update([(shadow, param)], 0.25)
+            ok = bool((shadow == 0.25).all())  # syncs, once
+            _probed[device] = None if ok else "the Triton update kernel gave wrong results here"
+        except Exception as exc:  # compile or launch failure: keep the reason, never raise
+            _probed[device] = (f"the Triton kernels failed to run on {device}: "
+                               f"{type(exc).__name__}: {str(exc)[:300]}")
+    return _probed[device]
 
 
 def _split(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]):

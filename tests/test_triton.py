@@ -219,3 +219,20 @@ def test_ema_plan_reuse_and_a_transposed_parameter():
     w.data = w.data.t()  # same address, now non-contiguous: must not reuse the tables
     ema.update()
     torch.testing.assert_close(dict(ema.named_shadows())["0"], 0.5 * start + 0.5 * w.detach())
+
+
+def test_a_kernel_that_cannot_run_makes_auto_fall_back_and_a_named_request_fail(monkeypatch):
+    from ema_fused import BackendUnavailableError, _triton_backend
+    monkeypatch.setattr(_triton_backend, "_probed", {})
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel image for this device")
+
+    monkeypatch.setattr(launch, "update", broken)
+    usable, why = available_backends("cpu")["triton"]
+    assert not usable and "no kernel image for this device" in why
+    with pytest.raises(BackendUnavailableError, match="no kernel image"):
+        ema_update_([torch.zeros(3)], [torch.ones(3)], 0.5, backend="triton")
+    s = torch.zeros(3)
+    ema_update_([s], [torch.ones(3)], 0.5)  # auto: the fallback, quietly
+    assert torch.equal(s, torch.full((3,), 0.5))
