@@ -116,23 +116,28 @@ class Tracked:
         """Every tracked name, aliases included, in state_dict order."""
         return list(self.aliases)
 
-    def read(self, target: Optional[Source] = None) -> list[torch.Tensor]:
+    def read(self, target: Optional[Source] = None, check_shapes: bool = True
+             ) -> list[torch.Tensor]:
         """The current tensor of every entry, from the tracked model or from ``target``.
 
         Parameters come back as they are (not detached): use them under ``torch.no_grad()``.
+        ``check_shapes=False``: the caller compares shapes itself and calls
+        :meth:`check_shapes` when they differ (``EMA`` folds it into its plan check).
         """
         if target is None:
             target = self.module if self.module is not None else self.tensors
         if isinstance(target, nn.Module):
             if self.module is None:
                 raise TypeError("EMA: this EMA was made from a list of tensors; pass a list")
-            return self._read_module(target)
+            out = self._read_module(target)
+            return self.check_shapes(out) if check_shapes else out
         if self.module is not None:
             raise TypeError(f"EMA: this EMA was made from a module; got a {type(target).__name__}")
         tensors = list(target)
         if len(tensors) != len(self.tensors):
             raise ModelChangedError(f"EMA: expected {len(self.tensors)} tensors, got {len(tensors)}")
-        return self._checked([tensors[int(e.key)] for e in self.entries])
+        out = [tensors[int(e.key)] for e in self.entries]
+        return self.check_shapes(out) if check_shapes else out
 
     def _read_module(self, model: nn.Module) -> list[torch.Tensor]:
         mods = self._modules_of(model)
@@ -148,9 +153,10 @@ class Tracked:
             if t is None:
                 raise ModelChangedError(f"EMA: the model has no tensor {e.name!r} any more")
             out.append(t)
-        return self._checked(out)
+        return out
 
-    def _checked(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    def check_shapes(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``tensors`` if every shape is the one the EMA was made with; else raise naming it."""
         for e, t in zip(self.entries, tensors):
             if t.shape != e.shape:
                 raise ModelChangedError(f"EMA: tensor {e.name!r} changed shape from "

@@ -102,7 +102,7 @@ class EMA(AveragedReads):
             self._device_schedule = DeviceSchedule(devices.pop(), schedule,
                                                    self.update_after_step, self.update_every)
         self._decay_product = 1.0
-        self._plan: Optional[tuple[tuple, _Plan]] = None
+        self._plan: Optional[tuple[list, _Plan]] = None
         self._backup: Optional[list[torch.Tensor]] = None
         self._swapped = False  # inside average_parameters(): shadows hold the model's weights
 
@@ -178,7 +178,7 @@ class EMA(AveragedReads):
 
         ``active`` (capturable mode): a device bool; where false the copies keep their value.
         """
-        plan = self._plan_for(self._tracked.read())
+        plan = self._plan_for(self._tracked.read(check_shapes=False))
         with torch.no_grad():
             if plan.groups is None:  # some shadows live on another device: staged copies
                 run = copy_across_ if copy else update_across_
@@ -198,14 +198,15 @@ class EMA(AveragedReads):
 
     def _plan_for(self, live: list[torch.Tensor]) -> "_Plan":
         """The pairs and their backends, reused while every live tensor keeps its address,
-        dtype, device and contiguity (its shape is checked on every read), so a replaced
-        storage is never written through an old plan.
+        dtype, device, contiguity and shape, so a replaced storage is never written
+        through an old plan (and a reshaped tensor is reported, naming it).
 
         Rebuilding costs several passes over the tensors; the check is one.
         """
-        key = tuple([(t.data_ptr(), t.dtype, t.get_device(), t.is_contiguous()) for t in live])
+        key = [(t.data_ptr(), t.dtype, t.get_device(), t.is_contiguous(), t.shape) for t in live]
         if self._plan is not None and self._plan[0] == key:
             return self._plan[1]
+        self._tracked.check_shapes(live)
         self._follow_devices(live)
         plan = _Plan(*self._split(live))
         if all(s.device == p.device for s, p in zip(plan.ema_s, plan.ema_p)):
