@@ -55,3 +55,26 @@ def test_compile_fullgraph_matches_eager(backend):
     step(shadows, params)
     for s, e in zip(shadows, expected):
         assert torch.equal(s, e)
+
+
+@pytest.mark.parametrize("case", range(4))
+def test_opcheck_update_graph_safe(case):
+    shadows, params = list(_samples())[case]
+    torch.library.opcheck(torch.ops.ema_fused.update_graph_safe_.default,
+                          (shadows, params, torch.tensor([0.3]), "auto"))
+
+
+def test_compile_fullgraph_with_a_device_weight():
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(2)
+    shadows = [rand(13, torch.float32, gen)]
+    params = [rand(13, torch.bfloat16, gen)]
+    expected = [s.clone() for s in shadows]
+    ema_update_(expected, params, torch.tensor([0.25]))
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(shadows, params, w):
+        ema_update_(shadows, params, w)
+
+    step(shadows, params, torch.tensor([0.25]))
+    assert torch.equal(shadows[0], expected[0])
