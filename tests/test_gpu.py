@@ -1,4 +1,5 @@
-"""GPU checks of the core (skipped without a CUDA device)."""
+"""GPU checks of the core and its foreach fallback (skipped without a CUDA device);
+the Triton backend's GPU checks are in test_triton_gpu.py."""
 from __future__ import annotations
 
 import itertools
@@ -23,7 +24,7 @@ def test_update_on_cuda_against_float64(sd, pd):
     params = [rand(n, pd, gen, "cuda") for n in sizes]
     exact = [lerp_reference(s, p, 0.1) for s, p in zip(shadows, params)]
     before = [s.double().abs() + p.double().abs() for s, p in zip(shadows, params)]
-    ema_update_(shadows, params, 0.1)
+    ema_update_(shadows, params, 0.1, backend="foreach")
     for s, e, mag in zip(shadows, exact, before):
         assert_rounded_close(s, e, mag, compute_dtype(sd, pd))
 
@@ -56,10 +57,10 @@ def test_shadows_follow_a_model_moved_to_the_gpu():
     assert all(s.device.type == "cuda" for _, s in ema.named_shadows())
 
 
-def test_update_does_not_sync_with_the_host():
+def test_foreach_update_does_not_sync_with_the_host():
     model = _model().cuda().to(torch.bfloat16)
-    ema = EMA(model, decay=0.99)
-    ema.update()  # first call may log and warm up
+    ema = EMA(model, decay=0.99, backend="foreach")
+    ema.update()  # first call builds the plan
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
