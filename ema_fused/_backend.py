@@ -79,12 +79,6 @@ def register_backend(backend: Backend) -> None:
     _missing.pop(backend.name, None)
 
 
-def set_missing_reason(name: str, reason: str) -> None:
-    """Record why backend ``name`` could not be loaded (e.g. the import error)."""
-    if name not in _registry:
-        _missing[name] = reason
-
-
 def _reasons(name: str, device: Optional[torch.device]) -> list[str]:
     if name in _registry:
         return _registry[name].not_supported_reasons(device)

@@ -112,10 +112,6 @@ class Tracked:
     def _tree_shape(mods: dict[str, nn.Module]) -> list[tuple[int, int, int]]:
         return [(len(m._parameters), len(m._buffers), len(m._modules)) for m in mods.values()]
 
-    def names(self) -> list[str]:
-        """Every tracked name, aliases included, in state_dict order."""
-        return list(self.aliases)
-
     def read(self, target: Optional[Source] = None, check_shapes: bool = True
              ) -> list[torch.Tensor]:
         """The current tensor of every entry, from the tracked model or from ``target``.

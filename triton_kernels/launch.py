@@ -8,6 +8,7 @@ host-to-device copy and no host sync.
 """
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from typing import Optional, Sequence
 
@@ -86,7 +87,7 @@ def plan_for(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], device: torch.d
 
 def run(kernel, plan: Plan, *scalars, **meta) -> None:
     """Launch ``kernel`` once over every tile of ``plan``."""
-    with torch.cuda.device(plan.device) if plan.device.type == "cuda" else _nullcontext():
+    with torch.cuda.device(plan.device) if plan.device.type == "cuda" else contextlib.nullcontext():
         kernel[(plan.n_tiles,)](plan.tensors, plan.tiles, *plan.views, *scalars,
                                 BLOCK=BLOCK, num_warps=NUM_WARPS, **meta)
 
@@ -95,14 +96,6 @@ def _launch(kernel, pairs, *scalars, **meta) -> None:
     pairs = [(a, b) for a, b in pairs if a.numel()]
     if pairs:
         run(kernel, plan_for(pairs, pairs[0][0].device), *scalars, **meta)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def update(pairs, weight: float, weight_ptr: Optional[torch.Tensor] = None) -> None:
