@@ -1,15 +1,26 @@
 // Kernel-level op schemas of ema_fused's C++ extension (ema_fused._C).
 //
 // The public ops (ema_fused::update_, copy_, swap_) are defined in Python
-// (ema_fused/ops.py) and choose a backend per device; the "cpu" backend calls the
-// kernel ops below.  They are defined here once (a FRAGMENT, since Python also adds
-// ops to the namespace); each device's kernels register beside their implementation
-// with TORCH_LIBRARY_IMPL (cpu_kernels.cpp; the CUDA kernels will join them).
+// (ema_fused/ops.py) and choose a backend per device; the "cpu" and "cuda" backends
+// call the kernel ops below.  They are defined here once (a FRAGMENT, since Python
+// also adds ops to the namespace); each device's kernels register beside their
+// implementation with TORCH_LIBRARY_IMPL (cpu_kernels.cpp, cuda_kernels.cu).
+//
+// Every kernel op takes tensors the kernels support: float32, bfloat16 or float16,
+// contiguous, pairs of equal shape on one device.  They check that (naming the index
+// and both sides) before writing anything; the Python backends send other pairs to
+// the foreach fallback.
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(ema_fused, m) {
   // shadows[i] += weight * (params[i] - shadows[i]); fp32 math, rounded once.
   m.def("kernel_update_(Tensor(a!)[] shadows, Tensor[] params, float weight) -> ()");
+  // The same with the weight read from a 1-element float32 tensor on the shadows'
+  // device, at run time (CUDA: on the device, so a captured graph replays with the
+  // value the tensor holds at replay).
+  m.def("kernel_update_graph_safe_(Tensor(a!)[] shadows, Tensor[] params, Tensor weight) -> ()");
   // dst[i] = src[i] * scale, rounded once into dst[i]'s dtype.
   m.def("kernel_copy_(Tensor(a!)[] dst, Tensor[] src, float scale) -> ()");
+  // Exchange the contents of a[i] and b[i] (equal dtypes).
+  m.def("kernel_swap_(Tensor(a!)[] a, Tensor(b!)[] b) -> ()");
 }
