@@ -1,4 +1,11 @@
-"""``python -m ema_fused``: versions, the device, and every backend with why it is usable or not."""
+"""``python -m ema_fused``: versions, the device, and every backend with why it is usable or not.
+
+``python -m ema_fused build [--cpu-only] [--verbose]``: build the C++/CUDA extension just
+in time (with ninja, into torch's extension cache) unless an AOT build is installed.
+The CUDA kernels are built when a CUDA toolkit (``CUDA_HOME``/nvcc) and a CUDA build
+of torch are present; ``TORCH_CUDA_ARCH_LIST`` picks the GPU arches (default: the
+visible GPUs, or 8.0, 9.0 and the newest the toolkit knows when none is visible).
+"""
 from __future__ import annotations
 
 import platform
@@ -6,7 +13,7 @@ import sys
 
 import torch
 
-from . import __version__, available_backends
+from . import __version__, _extension, available_backends
 from ._backend import ENV_VAR
 
 
@@ -38,6 +45,11 @@ def report() -> str:
     for dev in devices:
         for name, (ok, why) in available_backends(dev).items():
             lines.append(f"  {dev:<5} {name:<8} {'usable' if ok else 'not usable'}: {why}")
+    if _extension.loaded():
+        kernels = ", ".join(k for k in ("CPU", "CUDA") if _extension.has_kernels(k))
+        lines.append(f"extension {_extension.loaded()}; kernels for {kernels}")
+    else:
+        lines.append(f"extension {_extension.error()}")
     return "\n".join(lines)
 
 
@@ -45,10 +57,29 @@ def main(argv: list[str]) -> int:
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
+    if argv and argv[0] == "build":
+        return _build(argv[1:])
     if argv:
-        print(f"unknown command {argv[0]!r}; run without arguments for the report", file=sys.stderr)
+        print(f"unknown command {argv[0]!r}; run without arguments for the report, or "
+              "'build'", file=sys.stderr)
         return 2
     print(report())
+    return 0
+
+
+def _build(args: list[str]) -> int:
+    unknown = [a for a in args if a not in ("--cpu-only", "--verbose")]
+    if unknown:
+        print(f"unknown option(s) for build: {' '.join(unknown)}", file=sys.stderr)
+        return 2
+    try:
+        how = _extension.build(with_cuda=False if "--cpu-only" in args else None,
+                               verbose="--verbose" in args)
+    except Exception as exc:  # report any build failure as one clear line
+        print(f"ema_fused: the build failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    kernels = [k for k in ("CPU", "CUDA") if _extension.has_kernels(k)]
+    print(f"ema_fused: extension loaded, {how}; kernels for {', '.join(kernels)}")
     return 0
 
 

@@ -38,8 +38,12 @@ class Backend:
                  reasons: Callable[[Optional[torch.device]], list[str]],
                  auto_device_types: Optional[tuple[str, ...]] = None,
                  swap_: Optional[Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor]], None]]
-                 = None, prepare: Optional[Callable] = None) -> None:
+                 = None, prepare: Optional[Callable] = None,
+                 on_request: Optional[Callable[[], None]] = None) -> None:
         self.name = name
+        # run before a request by name is checked (the C++ backends build the extension
+        # just in time there); ``auto`` never runs it
+        self.on_request = on_request
         self.swap_ = swap_
         # prepare(shadows, params) -> object with update_(weight) and copy_(scale) that
         # skips per-call checks and table look-ups; only for callers that re-check the
@@ -62,12 +66,6 @@ class Backend:
 
 
 _registry: dict[str, Backend] = {}
-# Backends whose code is not in this version yet, with the reason shown to users.
-_missing: dict[str, str] = {
-    "cuda": "the C++/CUDA extension is not part of this version of ema_fused yet",
-    "triton": "the Triton kernels are not part of this version of ema_fused yet",
-    "cpu": "the C++ CPU kernels are not part of this version of ema_fused yet",
-}
 _logged: set[tuple[str, str]] = set()
 
 
@@ -76,13 +74,12 @@ def register_backend(backend: Backend) -> None:
     if backend.name not in PREFERENCE:
         raise ValueError(f"unknown backend name {backend.name!r}; expected one of {PREFERENCE}")
     _registry[backend.name] = backend
-    _missing.pop(backend.name, None)
 
 
 def _reasons(name: str, device: Optional[torch.device]) -> list[str]:
     if name in _registry:
         return _registry[name].not_supported_reasons(device)
-    return [_missing.get(name, "not registered")]
+    return ["not registered"]
 
 
 def available_backends(device: Optional[torch.device | str] = None) -> dict[str, tuple[bool, str]]:
@@ -118,6 +115,8 @@ def select(requested: str, device: torch.device) -> Backend:
     """The backend that runs ops on ``device``: the named one, or the first usable for ``auto``."""
     name = resolve_name(requested)
     if name != "auto":
+        if name in _registry and _registry[name].on_request is not None:
+            _registry[name].on_request()
         reasons = _reasons(name, device)
         if reasons:
             raise BackendUnavailableError(

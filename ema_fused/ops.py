@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 import torch
 
 from . import _backend, _validate
+from . import _cpp_backend  # noqa: F401  (registers the "cuda" and "cpu" backends)
 from . import _triton_backend  # noqa: F401  (registers the "triton" backend)
 from . import fallback as _fallback  # noqa: F401  (registers the "foreach" backend)
 

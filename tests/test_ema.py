@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from ema_fused import EMA, schedules
+from ema_fused import EMA, _backend, available_backends, schedules
 
 from conftest import rand
 
@@ -244,9 +244,13 @@ def test_grad_mode_and_requires_grad_do_not_leak_into_shadows():
     assert all(p.requires_grad and p.is_leaf for p in model.parameters())
 
 
-def test_many_tensors_end_to_end():
+@pytest.mark.parametrize("backend", ["auto", "cpu", "foreach"])
+def test_many_tensors_end_to_end(backend):
+    usable, why = available_backends("cpu")[backend] if backend != "auto" else (True, "")
+    if not usable:
+        pytest.skip(why)
     model = nn.Sequential(*[nn.Linear(3, 3) for _ in range(250)])  # 500 tensors
-    ema = EMA(model, decay=0.75)
+    ema = EMA(model, decay=0.75, backend=backend)
     gen = torch.Generator().manual_seed(5)
     ref = Reference(float_state(model), schedules.constant(0.75))
     for _ in range(3):
@@ -254,7 +258,8 @@ def test_many_tensors_end_to_end():
         ema.update()
         ref.update(float_state(model))
     got = ema.averaged_weights()
-    assert len(got) == 500 and ema.backend == "foreach"
+    expected = _backend.select("auto", torch.device("cpu")).name if backend == "auto" else backend
+    assert len(got) == 500 and ema.backend == expected
     for n, v in ref.read().items():
         torch.testing.assert_close(got[n].double(), v, rtol=2e-6, atol=2e-6)
 

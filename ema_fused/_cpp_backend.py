@@ -1,0 +1,114 @@
+"""Registers the ``cpu`` and ``cuda`` backends: the C++ extension's kernel ops.
+
+One set of functions serves both: ``torch.ops.ema_fused.kernel_*`` dispatch to the
+CPU or CUDA kernels by the tensors' device.  Pairs the kernels do not take (float64,
+non-contiguous) go to the ``foreach`` code in the same call, so a request never fails
+on them.  ``auto`` uses these backends only when the extension was built ahead of
+time; asking for one by name builds it just in time if needed (see
+:mod:`ema_fused._extension`).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from . import _extension, fallback
+from ._backend import Backend, register_backend
+
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+Tensors = Sequence[torch.Tensor]
+
+
+def supported(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the kernels take this pair (else it goes to the fallback)."""
+    return (a.dtype in KERNEL_DTYPES and b.dtype in KERNEL_DTYPES and a.is_contiguous()
+            and b.is_contiguous())
+
+
+def _split(a: Tensors, b: Tensors):
+    """(kernel a, kernel b, rest a, rest b)."""
+    ka, kb, ra, rb = [], [], [], []
+    for x, y in zip(a, b):
+        if supported(x, y):
+            ka.append(x)
+            kb.append(y)
+        else:
+            ra.append(x)
+            rb.append(y)
+    return ka, kb, ra, rb
+
+
+def _kernel_update(shadows: list, params: list, weight) -> None:
+    if not shadows:
+        return
+    if isinstance(weight, torch.Tensor):  # graph-safe: read at run time
+        torch.ops.ema_fused.kernel_update_graph_safe_(shadows, params, weight)
+    else:
+        torch.ops.ema_fused.kernel_update_(shadows, params, weight)
+
+
+def update_(shadows: Tensors, params: Tensors, weight) -> None:
+    ks, kp, rs, rp = _split(shadows, params)
+    _kernel_update(ks, kp, weight)
+    if rs:
+        fallback.update_(rs, rp, weight)
+
+
+def copy_(dst: Tensors, src: Tensors, scale: float) -> None:
+    kd, ks, rd, rs = _split(dst, src)
+    if kd:
+        torch.ops.ema_fused.kernel_copy_(kd, ks, scale)
+    if rd:
+        fallback.copy_(rd, rs, scale)
+
+
+def swap_(a: Tensors, b: Tensors) -> None:
+    ka, kb, ra, rb = _split(a, b)
+    if ka:
+        torch.ops.ema_fused.kernel_swap_(ka, kb)
+    if ra:
+        fallback.swap_(ra, rb)
+
+
+class _Prepared:
+    """Pairs split once into kernel pairs and fallback pairs (for EMA's cached plan)."""
+
+    def __init__(self, shadows: Tensors, params: Tensors) -> None:
+        self.ks, self.kp, self.rs, self.rp = _split(shadows, params)
+
+    def update_(self, weight) -> None:
+        _kernel_update(self.ks, self.kp, weight)
+        if self.rs:
+            fallback.update_(self.rs, self.rp, weight)
+
+    def copy_(self, scale: float) -> None:
+        if self.ks:
+            torch.ops.ema_fused.kernel_copy_(self.ks, self.kp, scale)
+        if self.rs:
+            fallback.copy_(self.rs, self.rp, scale)
+
+
+def _reasons_for(device_type: str, dispatch_key: str):
+    def reasons(device: Optional[torch.device]) -> list[str]:
+        if device is not None and device.type != device_type:
+            return [f"it runs on {device_type} tensors only"]
+        if not _extension.load(build=False):
+            return [_extension.error()]
+        if not _extension.has_kernels(dispatch_key):
+            return [f"the loaded build ({_extension.loaded()}) has no {dispatch_key} kernels "
+                    "(it was built without a CUDA toolkit or a CUDA build of torch)"]
+        return []
+    return reasons
+
+
+def _build_on_request() -> None:
+    _extension.load(build=True)  # a failure is kept and reported by the reasons
+
+
+for _name, _dev, _key, _what in (
+        ("cuda", "cuda", "CUDA", "C++/CUDA multi-tensor kernels: one launch per device, "
+                                 "device-resident tables, any dtype mix"),
+        ("cpu", "cpu", "CPU", "C++ CPU kernels: one parallel pass over every pair")):
+    register_backend(Backend(_name, _what, update_, copy_, _reasons_for(_dev, _key),
+                             swap_=swap_, prepare=_Prepared, on_request=_build_on_request))
