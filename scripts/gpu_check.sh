@@ -4,11 +4,13 @@
 #   bash scripts/gpu_check.sh [OUT_DIR]          # default: $OUT, else gpu_results
 #
 # 1. installs this checkout into the python3 on PATH without touching its torch/Triton
-#    (pip --no-deps --no-build-isolation --no-index -e .); with EMA_FUSED_BUILD_EXT=1 it
-#    then tries the C++/CUDA extension build too (a failure is logged, the run goes on);
+#    (pip --no-deps --no-build-isolation --no-index -e .), then builds the C++/CUDA
+#    extension for the GPU it finds (EMA_FUSED_BUILD_EXT=0 skips it; a failure is
+#    logged and the run goes on without the cuda backend);
 # 2. records the environment (python -m ema_fused, nvidia-smi);
 # 3. runs the GPU tests (pytest -m gpu), then the whole tests folder;
-# 4. with EMA_SANITIZE=1 and compute-sanitizer on PATH, the GPU tests under memcheck;
+# 4. with EMA_SANITIZE=1 and compute-sanitizer on PATH, the GPU tests under memcheck,
+#    then the C++/CUDA kernels' tests under racecheck;
 # 5. the full benchmark suite, benchmarks/run.py --out OUT_DIR (extra run.py arguments in
 #    $BENCH_ARGS, e.g. BENCH_ARGS="--models llama-1.1b");
 # and prints a status table and ema_fused's speed-ups last.  Everything lands in OUT_DIR,
@@ -40,8 +42,17 @@ step() {
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
 PIP=("$PY" -m pip install --no-deps --no-build-isolation --no-index -e .)
 step install "$OUT_DIR/setup.log" "${PIP[@]}"
-if [ "${EMA_FUSED_BUILD_EXT:-0}" != "0" ]; then
-    step "build extension" "$OUT_DIR/setup.log" env EMA_FUSED_BUILD_EXT=1 "${PIP[@]}"
+if [ "${EMA_FUSED_BUILD_EXT:-1}" != "0" ]; then
+    if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ] && command -v nvidia-smi > /dev/null; then
+        # only the arch of the GPU present: the shortest build
+        TORCH_CUDA_ARCH_LIST=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -n 1)
+        export TORCH_CUDA_ARCH_LIST
+    fi
+    if [ -z "${CUDA_HOME:-}" ] && [ -d /usr/local/cuda ]; then
+        export CUDA_HOME=/usr/local/cuda
+    fi
+    step "build extension" "$OUT_DIR/setup.log" env EMA_FUSED_BUILD_EXT=1 \
+        MAX_JOBS="${MAX_JOBS:-8}" NVCC_THREADS="${NVCC_THREADS:-2}" "${PIP[@]}"
 fi
 step "environment" "$OUT_DIR/setup.log" "$PY" -m ema_fused
 if command -v nvidia-smi > /dev/null; then
@@ -56,6 +67,9 @@ if [ "${EMA_SKIP_TESTS:-0}" = "0" ]; then
             step "compute-sanitizer memcheck" "$OUT_DIR/sanitizer.log" compute-sanitizer \
                 --tool memcheck --error-exitcode 1 "$PY" -m pytest -q -x -p no:cacheprovider \
                 tests -m gpu
+            step "compute-sanitizer racecheck" "$OUT_DIR/sanitizer.log" compute-sanitizer \
+                --tool racecheck --error-exitcode 1 "$PY" -m pytest -q -x -p no:cacheprovider \
+                tests/test_kernels_gpu.py -k "cuda and not triton" -m gpu
         else
             echo "compute-sanitizer not on PATH: skipped" >> "$SUMMARY"
         fi
