@@ -5,10 +5,12 @@ named as in the real model's ``state_dict()``.  Every tensor is an ``nn.Paramete
 (no buffers): each provider then averages exactly the same tensors, whatever its
 buffer policy (torch_ema and AveragedModel skip buffers, timm averages them).
 
-* ``llama-125m``, ``llama-1.1b``, ``llama-7b``: LLaMA layout (embedding, per layer
-  RMSNorm + q/k/v/o + gate/up/down, final norm, untied lm_head).  1.1B has
+* ``llama-125m``, ``llama-200m``, ``llama-1.1b``, ``llama-7b``: LLaMA layout (embedding,
+  per layer RMSNorm + q/k/v/o + gate/up/down, final norm, untied lm_head).  1.1B has
   TinyLlama's shapes (grouped-query k/v), 7B LLaMA-2-7B's; 125M uses GPT-3-small
-  widths (768 hidden, 12 layers) with a 32k vocabulary, 134M parameters in all.
+  widths (768 hidden, 12 layers) with a 32k vocabulary, 134M parameters in all;
+  200M has 1024 hidden, 2816 intermediate, 10 layers: 194M parameters in 93 tensors
+  (the quick suite's LLaMA, small enough for a CPU run).
 * ``mix500``: 505 tensors, most of them small: a ViT-S/16 at depth 24 with
   LayerScale plus ResNet-50's convolutions and BatchNorm affine parameters.
 * ``llama-tiny``, ``mix500-tiny``: the same layouts at toy widths (the tiny mix
@@ -119,14 +121,15 @@ def mix(name: str, vit_dim: int, resnet_base: int, classes: int) -> ModelSpec:
 
 SPECS: dict[str, ModelSpec] = {s.name: s for s in (
     llama("llama-125m", 32000, 768, 2048, 12),
+    llama("llama-200m", 32000, 1024, 2816, 10),
     llama("llama-1.1b", 32000, 2048, 5632, 22, kv_dim=256),
     llama("llama-7b", 32000, 4096, 11008, 32),
     mix("mix500", 384, 64, 1000),
     llama("llama-tiny", 512, 64, 176, 2),
     mix("mix500-tiny", 48, 8, 10),
 )}
-QUICK = ("llama-125m", "mix500")
-FULL = ("llama-125m", "llama-1.1b", "llama-7b", "mix500")
+QUICK = ("llama-200m", "mix500")
+FULL = ("llama-200m", "llama-1.1b", "llama-7b", "mix500")
 TINY = ("llama-tiny", "mix500-tiny")
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

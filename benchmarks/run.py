@@ -1,6 +1,6 @@
 """The ema_fused benchmark suite: one EMA update of built-in models, every provider, one run.
 
-    python benchmarks/run.py --quick --out DIR     # 134M + 69M-parameter models, minutes on a CPU
+    python benchmarks/run.py --quick --out DIR     # 194M + 69M-parameter models, minutes on a CPU
     python benchmarks/run.py --out DIR             # + 1.1B and 7B (where memory allows)
     python benchmarks/run.py --models llama-tiny mix500-tiny --dtypes bf16 --repeats 2
 

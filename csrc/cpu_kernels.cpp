@@ -16,7 +16,6 @@
 // c10::Half's conversions branch on subnormals, so no fp16 loop vectorised; the exact
 // branch-free ones below do (fp16 param, fp32 shadow: 403 -> 78 ms).
 #include <ATen/ATen.h>
-#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -30,7 +29,14 @@
 #include <utility>
 #include <vector>
 
+#include "pairs.h"
+
 namespace {
+
+using ema_fused::check_pairs;
+using ema_fused::Kind;
+using ema_fused::kFloat;
+using ema_fused::Pair;
 
 // Work is cut into chunks of at most 64K elements (256-768 KB of traffic, ~10-20 us)
 // across all tensors: small enough to balance a few huge tensors and many small ones
@@ -131,11 +137,6 @@ EMA_FUSED_CLONES void swap_range(void* a_raw, void* b_raw, int64_t n, float) {
   for (int64_t i = 0; i < n; ++i) std::swap(a[i], b[i]);
 }
 
-int code(const at::Tensor& t) {  // 0, 1, 2 for F32, BF16, F16; -1: not supported
-  const auto d = t.scalar_type();
-  return d == at::kFloat ? 0 : d == at::kBFloat16 ? 1 : d == at::kHalf ? 2 : -1;
-}
-
 template <template <typename, typename> class K>
 struct Table {  // get(code of the first dtype, code of the second)
   template <typename A>
@@ -151,43 +152,25 @@ struct Update { static constexpr RangeFn fn = update_range<A, B>; };
 template <typename A, typename B>
 struct Copy { static constexpr RangeFn fn = copy_range<A, B>; };
 
-enum class Op { kUpdate, kCopy, kSwap };
-
 struct Chunk { RangeFn fn; void* a; void* b; int64_t n; };
 
-// Checks every pair before anything is written; names the index and both sides.
-std::vector<Chunk> plan(const char* op, at::TensorList a, at::TensorList b, Op kind) {
-  TORCH_CHECK(a.size() == b.size(), op, ": the first list has ", a.size(),
-              " tensors but the second has ", b.size());
+// Every pair is checked (pairs.h) before anything is written, then cut into chunks.
+std::vector<Chunk> plan(const char* op, at::TensorList a, at::TensorList b, Kind kind) {
   std::vector<Chunk> chunks;
-  for (size_t i = 0; i < a.size(); ++i) {
-    const at::Tensor &x = a[i], &y = b[i];
-    TORCH_CHECK(x.device().is_cpu() && y.device().is_cpu(), op, ": tensors[", i,
-                "] are on ", x.device(), " and ", y.device(), "; this kernel runs on the CPU");
-    TORCH_CHECK(x.sizes() == y.sizes(), op, ": tensors[", i, "] have shapes ", x.sizes(),
-                " and ", y.sizes());
-    TORCH_CHECK(x.is_contiguous() && y.is_contiguous(), op, ": tensors[", i,
-                "] must be contiguous (got strides ", x.strides(), " and ", y.strides(), ")");
-    const int ca = code(x), cb = code(y);
-    TORCH_CHECK(ca >= 0 && cb >= 0, op, ": tensors[", i, "] have dtypes ", x.scalar_type(),
-                " and ", y.scalar_type(), "; only float32, bfloat16 and float16 are supported");
+  for (const Pair& p : check_pairs(op, a, b, kind, at::Device(at::kCPU))) {
     RangeFn fn = nullptr;
-    if (kind == Op::kSwap) {
-      TORCH_CHECK(ca == cb, op, ": tensors[", i, "] have dtypes ", x.scalar_type(), " and ",
-                  y.scalar_type(), "; swap needs equal dtypes");
-      TORCH_CHECK(at::get_overlap_status(x, y) != at::MemOverlapStatus::Partial, op,
-                  ": tensors[", i, "] partially overlap");
-      if (x.numel() == 0 || x.data_ptr() == y.data_ptr()) continue;  // swapping with itself
-      fn = ca == 0 ? swap_range<uint32_t> : swap_range<uint16_t>;
+    if (kind == Kind::Swap) {
+      if (p.a == p.b) continue;  // swapping with itself
+      fn = p.code_a == kFloat ? swap_range<uint32_t> : swap_range<uint16_t>;
     } else {
-      fn = kind == Op::kUpdate ? Table<Update>::get(ca, cb) : Table<Copy>::get(ca, cb);
+      fn = kind == Kind::Update ? Table<Update>::get(p.code_a, p.code_b)
+                                : Table<Copy>::get(p.code_a, p.code_b);
     }
-    // The second list is only read, but for swap: const_data_ptr leaves a COW tensor be.
-    void* yv = kind == Op::kSwap ? y.data_ptr() : const_cast<void*>(y.const_data_ptr());
-    char *xp = static_cast<char*>(x.data_ptr()), *yp = static_cast<char*>(yv);
-    const int64_t n = x.numel(), xs = x.element_size(), ys = y.element_size();
-    for (int64_t start = 0; start < n; start += kChunk) {
-      chunks.push_back({fn, xp + start * xs, yp + start * ys, std::min(kChunk, n - start)});
+    // only a swap writes through b; the range functions take it as void* alike
+    char *xp = static_cast<char*>(p.a), *yp = static_cast<char*>(const_cast<void*>(p.b));
+    for (int64_t start = 0; start < p.numel; start += kChunk) {
+      chunks.push_back({fn, xp + start * p.size_a, yp + start * p.size_b,
+                        std::min(kChunk, p.numel - start)});
     }
   }
   return chunks;
@@ -237,7 +220,7 @@ void run(std::vector<Chunk> chunks, float scalar) {
 void kernel_update_cpu(at::TensorList shadows, at::TensorList params, double weight) {
   TORCH_CHECK(weight >= 0.0 && weight <= 1.0, "kernel_update_: weight must be in [0, 1], got ",
               weight);
-  run(plan("kernel_update_", shadows, params, Op::kUpdate), static_cast<float>(weight));
+  run(plan("kernel_update_", shadows, params, Kind::Update), static_cast<float>(weight));
 }
 
 // The weight is read here, when the op runs.  Its value is not range-checked: the
@@ -249,18 +232,18 @@ void kernel_update_graph_safe_cpu(at::TensorList shadows, at::TensorList params,
               "kernel_update_graph_safe_: weight must be a 1-element float32 tensor on the "
               "shadows' device (cpu), got a ", weight.scalar_type(), " tensor of ",
               weight.numel(), " elements on ", weight.device());
-  run(plan("kernel_update_graph_safe_", shadows, params, Op::kUpdate),
+  run(plan("kernel_update_graph_safe_", shadows, params, Kind::Update),
       *weight.const_data_ptr<float>());
 }
 
 void kernel_copy_cpu(at::TensorList dst, at::TensorList src, double scale) {
   TORCH_CHECK(scale >= 0.0 && std::isfinite(scale),
               "kernel_copy_: scale must be finite and >= 0, got ", scale);
-  run(plan("kernel_copy_", dst, src, Op::kCopy), static_cast<float>(scale));
+  run(plan("kernel_copy_", dst, src, Kind::Copy), static_cast<float>(scale));
 }
 
 void kernel_swap_cpu(at::TensorList a, at::TensorList b) {
-  run(plan("kernel_swap_", a, b, Op::kSwap), 0.0f);
+  run(plan("kernel_swap_", a, b, Kind::Swap), 0.0f);
 }
 
 }  // namespace

@@ -3,6 +3,7 @@
 // engine (multi_tensor.h) sees them.
 #pragma once
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
@@ -22,7 +23,10 @@ inline int dtype_code(at::ScalarType t) {
 }
 
 // All pairs must be on `device` (for CUDA: the first tensor's device), of equal
-// shapes, contiguous, float32/bfloat16/float16 (equal dtypes for a swap).
+// shapes, contiguous, float32/bfloat16/float16 (equal dtypes for a swap), and the two
+// sides of a pair must not partially overlap (the same tensor on both sides is fine).
+// The second list is only read, except by a swap: const_data_ptr leaves a
+// copy-on-write tensor unmaterialised.
 inline std::vector<Pair> check_pairs(const char* op, at::TensorList a, at::TensorList b, Kind kind,
                                      const at::Device& device) {
   TORCH_CHECK(a.size() == b.size(), op, ": the first list has ", a.size(),
@@ -47,7 +51,10 @@ inline std::vector<Pair> check_pairs(const char* op, at::TensorList a, at::Tenso
     TORCH_CHECK(x.numel() < (int64_t(1) << 32) * kTile, op, ": tensors[", i, "] has ", x.numel(),
                 " elements, more than this kernel's tile table can address");
     if (x.numel() == 0) continue;  // nothing to do, and no table row needed
-    pairs.push_back({x.data_ptr(), y.data_ptr(), x.numel(), ca, cb,
+    TORCH_CHECK(at::get_overlap_status(x, y) != at::MemOverlapStatus::Partial, op, ": tensors[",
+                i, "] partially overlap");
+    const void* yp = kind == Kind::Swap ? y.data_ptr() : y.const_data_ptr();
+    pairs.push_back({x.data_ptr(), yp, x.numel(), ca, cb,
                      static_cast<int>(x.element_size()), static_cast<int>(y.element_size())});
   }
   return pairs;

@@ -6,12 +6,11 @@ import itertools
 import os
 import re
 import sys
-import zlib
 
 import pytest
 import torch
 
-from conftest import assert_rounded_close, compute_dtype, lerp_reference, rand
+from conftest import assert_rounded_close, compute_dtype, lerp_reference, rand, seeded
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -49,13 +48,10 @@ def ops(tmp_path_factory):
     return getattr(torch.ops, NAMESPACE)
 
 
-def _gen(*key):
-    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
-
 
 @pytest.mark.parametrize("sd,pd", PAIRS, ids=[f"{a}-{b}".replace("torch.", "") for a, b in PAIRS])
 def test_update_every_pair(ops, sd, pd):
-    gen = _gen("u", sd, pd)
+    gen = seeded("u", sd, pd)
     shadows = [rand(n, sd, gen) for n in SIZES]
     params = [rand(n, pd, gen) for n in SIZES]
     exact = [lerp_reference(s, p, 0.3) for s, p in zip(shadows, params)]
@@ -67,7 +63,7 @@ def test_update_every_pair(ops, sd, pd):
 
 @pytest.mark.parametrize("dd,sd", PAIRS, ids=[f"{a}-{b}".replace("torch.", "") for a, b in PAIRS])
 def test_copy_every_pair(ops, dd, sd):
-    gen = _gen("c", dd, sd)
+    gen = seeded("c", dd, sd)
     src = [rand(n, sd, gen) for n in SIZES]
     dst = [rand(n, dd, gen) for n in SIZES]
     ops.kernel_copy_(dst, src, 1.25)
@@ -78,7 +74,7 @@ def test_copy_every_pair(ops, dd, sd):
 
 @pytest.mark.parametrize("count", [1, 63, 64, 65, 111, 500])
 def test_many_tensors(ops, count):
-    gen = _gen("n", count)
+    gen = seeded("n", count)
     dts = [PAIRS[i % len(PAIRS)] for i in range(count)]
     sizes = [int(n) for n in torch.randint(0, 300, (count,), generator=gen)]
     shadows = [rand(n, sd, gen) for n, (sd, _) in zip(sizes, dts)]
@@ -87,6 +83,18 @@ def test_many_tensors(ops, count):
     ops.kernel_update_(shadows, params, 0.01)
     for s, p, e in zip(shadows, params, exact):
         assert_rounded_close(s, e, e.abs() + p.double().abs(), compute_dtype(s.dtype, p.dtype))
+
+
+def test_partial_overlap_is_refused_before_writing(ops):
+    buf = torch.zeros(100)
+    first = torch.zeros(8)
+    for op, args in (("kernel_update_", (0.5,)), ("kernel_copy_", (2.0,))):
+        with pytest.raises(RuntimeError, match=rf"{op}: tensors\[1\] partially overlap"):
+            getattr(ops, op)([first, buf[:60]], [torch.ones(8), buf[10:70]], *args)
+        assert not first.any() and not buf.any()
+    same = torch.arange(5.0)  # the same tensor on both sides is not a partial overlap
+    ops.kernel_update_([same], [same], 0.5)
+    assert torch.equal(same, torch.arange(5.0))
 
 
 def test_checks_name_the_index_and_write_nothing(ops):
@@ -110,7 +118,7 @@ def test_checks_name_the_index_and_write_nothing(ops):
 @pytest.mark.parametrize("sd,pd", PAIRS, ids=[f"{a}-{b}".replace("torch.", "") for a, b in PAIRS])
 @pytest.mark.parametrize("w", [0.0, 0.3, 1.0])
 def test_update_graph_safe_every_pair(ops, sd, pd, w):
-    gen = _gen("g", sd, pd, w)
+    gen = seeded("g", sd, pd, w)
     shadows = [rand(n, sd, gen) for n in SIZES]
     params = [rand(n, pd, gen) for n in SIZES]
     before = [s.clone() for s in shadows]
@@ -127,7 +135,7 @@ def test_update_graph_safe_every_pair(ops, sd, pd, w):
 
 
 def test_update_graph_safe_reads_the_weight_when_it_runs(ops):
-    gen = _gen("g-late")
+    gen = seeded("g-late")
     shadow, param = rand(70000, torch.float32, gen), rand(70000, torch.float32, gen)
     weight = torch.tensor([0.25])
     ops.kernel_update_graph_safe_([shadow], [param], weight)
@@ -145,7 +153,7 @@ def test_update_graph_safe_reads_the_weight_when_it_runs(ops):
 def test_update_graph_safe_does_not_range_check_the_value(ops):
     # The CUDA kernel cannot look at the value without a sync, so neither does this one:
     # 1.5 extrapolates and NaN flows into the shadows.
-    gen = _gen("g-range")
+    gen = seeded("g-range")
     shadows = [rand(1000, sd, gen) for sd in KERNEL_DTYPES]
     params = [rand(1000, torch.float32, gen) for _ in KERNEL_DTYPES]
     exact = [lerp_reference(s, p, 1.5) for s, p in zip(shadows, params)]
@@ -191,7 +199,7 @@ def _specials(dtype):
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 def test_swap_every_dtype(ops, dtype):
-    gen = _gen("s", dtype)
+    gen = seeded("s", dtype)
     idt = torch.int32 if dtype == torch.float32 else torch.int16
     a = [rand(n, dtype, gen) for n in SIZES]
     b = [rand(n, dtype, gen) for n in SIZES]
@@ -205,7 +213,7 @@ def test_swap_every_dtype(ops, dtype):
 
 @pytest.mark.parametrize("count", [1, 2, 63, 65, 500])
 def test_swap_many_tensors(ops, count):
-    gen = _gen("sn", count)
+    gen = seeded("sn", count)
     sizes = [int(n) for n in torch.randint(0, 3000, (count,), generator=gen)]
     dts = [KERNEL_DTYPES[i % 3] for i in range(count)]
     a = [rand(n, d, gen) for n, d in zip(sizes, dts)]
@@ -218,12 +226,12 @@ def test_swap_many_tensors(ops, count):
 
 
 def test_swap_checks_before_writing(ops):
-    gen = _gen("s-err")
+    gen = seeded("s-err")
     a = [rand(100_000, torch.float32, gen), rand(5, torch.float16, gen), rand(3, torch.float32, gen)]
     b = [rand(100_000, torch.float32, gen), rand(5, torch.float16, gen), rand(3, torch.bfloat16, gen)]
     a0, b0 = [x.clone() for x in a], [x.clone() for x in b]
     with pytest.raises(RuntimeError, match=r"kernel_swap_: tensors\[2\] have dtypes Float and "
-                       r"BFloat16; swap needs equal dtypes"):
+                       r"BFloat16; swapping needs equal dtypes"):
         ops.kernel_swap_(a, b)
     assert all(torch.equal(x, y) for x, y in zip(a + b, a0 + b0))
     with pytest.raises(RuntimeError, match=r"tensors\[0\] have shapes \[100000\] and \[99999\]"):
@@ -253,7 +261,7 @@ def _edges_intact(base, n, offset=3):
 @pytest.mark.parametrize("sd,pd", PAIRS, ids=[f"{a}-{b}".replace("torch.", "") for a, b in PAIRS])
 @pytest.mark.parametrize("n", [1, 7, 65537, 278011])
 def test_offset_views_every_op(ops, sd, pd, n):
-    gen = _gen("o", sd, pd, n)
+    gen = seeded("o", sd, pd, n)
     (sb, s), (pb, p) = _offset_view(n, sd, gen, 3), _offset_view(n, pd, gen, 1)
     exact = lerp_reference(s, p, 0.3)
     ops.kernel_update_([s], [p], 0.3)
@@ -288,7 +296,7 @@ def test_conversions_match_torch_bit_for_bit(ops):
     edges = torch.tensor([65504.0, 65519.996, 65520.0, 65536.0, 2.0**-14, 2.0**-24, 2.0**-25,
                           1.5 * 2.0**-25, 2.0**-26, 1 + 2.0**-11, 1 + 3 * 2.0**-11, 1 + 2.0**-8,
                           1 + 3 * 2.0**-8, 3.3895314e38, 3.4028235e38, float("inf"), 0.0])
-    gen = _gen("bits")
+    gen = seeded("bits")
     bits = torch.randint(-2**31, 2**31, (1 << 20,), generator=gen, dtype=torch.int64)
     src = torch.cat([edges, -edges, bits.to(torch.int32).view(torch.float32)])
     for dtype in (torch.float16, torch.bfloat16):

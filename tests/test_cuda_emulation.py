@@ -11,12 +11,11 @@ from __future__ import annotations
 import itertools
 import os
 import sys
-import zlib
 
 import pytest
 import torch
 
-from conftest import assert_rounded_close, compute_dtype, lerp_reference, rand
+from conftest import assert_rounded_close, compute_dtype, lerp_reference, rand, seeded
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -42,13 +41,10 @@ def run(tmp_path_factory):
     return torch.ops.ema_fused_emulation.run_
 
 
-def _gen(*key):
-    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
-
 
 @pytest.mark.parametrize("sd,pd", PAIRS, ids=IDS)
 def test_update_every_pair(run, sd, pd):
-    gen = _gen("u", sd, pd)
+    gen = seeded("u", sd, pd)
     shadows = [rand(n, sd, gen) for n in SIZES]
     params = [rand(n, pd, gen) for n in SIZES]
     exact = [lerp_reference(s, p, 0.3) for s, p in zip(shadows, params)]
@@ -61,7 +57,7 @@ def test_update_every_pair(run, sd, pd):
 
 @pytest.mark.parametrize("dd,sd", PAIRS, ids=IDS)
 def test_copy_every_pair_never_reads_dst(run, dd, sd):
-    gen = _gen("c", dd, sd)
+    gen = seeded("c", dd, sd)
     src = [rand(n, sd, gen) for n in SIZES]
     dst = [torch.full((n,), float("nan"), dtype=dd) for n in SIZES]  # must not leak in
     run(dst, src, "copy", 1.25)
@@ -72,7 +68,7 @@ def test_copy_every_pair_never_reads_dst(run, dd, sd):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=[str(d) for d in DTYPES])
 def test_swap_exchanges_exactly(run, dtype):
-    gen = _gen("s", dtype)
+    gen = seeded("s", dtype)
     a = [rand(n, dtype, gen) for n in SIZES]
     b = [rand(n, dtype, gen) for n in SIZES]
     a0, b0 = [x.clone() for x in a], [y.clone() for y in b]
@@ -83,7 +79,7 @@ def test_swap_exchanges_exactly(run, dtype):
 
 @pytest.mark.parametrize("count", [1, 63, 64, 65, 111, 500])
 def test_many_tensors_mixed_dtypes(run, count):
-    gen = _gen("n", count)
+    gen = seeded("n", count)
     sizes = [int(n) for n in torch.randint(0, 3 * TILE, (count,), generator=gen)]
     dts = [PAIRS[i % len(PAIRS)] for i in range(count)]
     shadows = [rand(n, sd, gen) for n, (sd, _) in zip(sizes, dts)]
@@ -97,7 +93,7 @@ def test_many_tensors_mixed_dtypes(run, count):
 @pytest.mark.parametrize("sd,pd", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32),
                                    (torch.float16, torch.float16)], ids=str)
 def test_misaligned_views_take_the_guarded_path(run, sd, pd):
-    gen = _gen("m", sd, pd)
+    gen = seeded("m", sd, pd)
     n = 2 * TILE + 3
     shadows = [rand(n + 1, sd, gen)[1:], rand(n, sd, gen)]
     params = [rand(n, pd, gen), rand(n + 3, pd, gen)[3:]]
@@ -109,6 +105,11 @@ def test_misaligned_views_take_the_guarded_path(run, sd, pd):
 
 
 def test_checks_name_the_index_and_write_nothing(run):
+    buf = torch.zeros(2 * TILE)
+    first = torch.zeros(TILE)
+    with pytest.raises(RuntimeError, match=r"tensors\[1\] partially overlap"):
+        run([first, buf[:TILE]], [torch.ones(TILE), buf[8:TILE + 8]], "update", 0.5)
+    assert not first.any() and not buf.any()
     shadows = [torch.zeros(TILE), torch.zeros(3)]
     with pytest.raises(RuntimeError, match=r"tensors\[1\] have shapes \[3\] and \[5\]"):
         run(shadows, [torch.ones(TILE), torch.ones(5)], "update", 0.5)
