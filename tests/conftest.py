@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import zlib
 
 import pytest
 import torch
@@ -16,6 +17,12 @@ ALL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def requires_gpu():
     return pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def seeded(*key) -> torch.Generator:
+    """A CPU generator seeded from ``key`` (a test's parameters): fresh data per case,
+    the same on every run."""
+    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
 
 
 def rand(shape, dtype, gen: torch.Generator, device="cpu", scale=1.0) -> torch.Tensor:

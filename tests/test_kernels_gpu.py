@@ -27,14 +27,23 @@ KERNEL_NAMES = {"triton": "update_kernel", "cuda": "tiles_kernel"}
 SIZES = [0, 1, 7, 2047, 2048, 2049, 4095, 4096, 4097, 278011, (1 << 24) + 3]
 
 
+def _usable(name: str) -> str:
+    if name == "cuda":
+        _extension.load(build=True)  # an AOT build, or a just-in-time one
+    usable, why = available_backends("cuda")[name]
+    if not usable:
+        pytest.fail(f"backend {name!r} not usable on this GPU machine: {why}")
+    return name
+
+
 @pytest.fixture(params=["triton", "cuda"])
 def backend(request):
-    if request.param == "cuda":
-        _extension.load(build=True)  # an AOT build, or a just-in-time one
-    usable, why = available_backends("cuda")[request.param]
-    if not usable:
-        pytest.fail(f"backend {request.param!r} not usable on this GPU machine: {why}")
-    return request.param
+    return _usable(request.param)
+
+
+@pytest.fixture(params=["triton", "cuda", "foreach"])
+def any_backend(request):
+    return _usable(request.param)
 
 
 @pytest.mark.parametrize("sd,pd", list(itertools.product(KERNEL_DTYPES, KERNEL_DTYPES)))
@@ -120,9 +129,9 @@ def test_exactly_one_kernel_launch_per_update(backend):
     assert len(kernels) == 1 and KERNEL_NAMES[backend] in kernels[0], kernels
 
 
-def test_update_does_not_sync_with_the_host(backend):
+def test_update_does_not_sync_with_the_host(any_backend):
     model = _model()
-    ema = EMA(model, decay=0.999, backend=backend)
+    ema = EMA(model, decay=0.999, backend=any_backend)
     ema.update()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")

@@ -11,14 +11,13 @@ import json
 import os
 import subprocess
 import sys
-import zlib
 
 import pytest
 import torch
 
 from ema_fused import EMA, available_backends, ema_copy_, ema_update_
 
-from conftest import assert_rounded_close, compute_dtype, lerp_reference, rand
+from conftest import assert_rounded_close, compute_dtype, lerp_reference, rand, seeded
 
 triton = pytest.importorskip("triton")
 pytestmark = pytest.mark.skipif(not available_backends("cpu")["triton"][0],
@@ -32,9 +31,6 @@ B = launch.BLOCK
 SIZES = (0, 1, 7, B - 1, B, B + 1, 3 * B + 5)
 
 
-def _gen(*key) -> torch.Generator:
-    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
-
 
 def _check_update(shadows, params, weight):
     exact = [lerp_reference(s, p, weight) for s, p in zip(shadows, params)]
@@ -46,13 +42,13 @@ def _check_update(shadows, params, weight):
 
 @pytest.mark.parametrize("sd,pd", PAIRS, ids=[f"{a}-{b}".replace("torch.", "") for a, b in PAIRS])
 def test_update_every_dtype_pair_and_tile_edge(sd, pd):
-    gen = _gen("update", sd, pd)
+    gen = seeded("update", sd, pd)
     _check_update([rand(n, sd, gen) for n in SIZES], [rand(n, pd, gen) for n in SIZES], 0.3)
 
 
 @pytest.mark.parametrize("count", [1, 63, 64, 65, 111, 200])
 def test_many_tensors_one_launch(count, monkeypatch):
-    gen = _gen("count", count)
+    gen = seeded("count", count)
     dts = [PAIRS[i % len(PAIRS)] for i in range(count)]
     sizes = [int(n) for n in torch.randint(0, 40, (count,), generator=gen)]
     shadows = [rand(n, sd, gen) for n, (sd, _) in zip(sizes, dts)]
@@ -66,7 +62,7 @@ def test_many_tensors_one_launch(count, monkeypatch):
 
 @pytest.mark.parametrize("offset", [1, 3, 4, 8])
 def test_offset_views_aligned_and_not(offset):
-    gen = _gen("offset", offset)
+    gen = seeded("offset", offset)
     base = rand(3 * B + 40, torch.float32, gen)
     pbase = rand(3 * B + 40, torch.bfloat16, gen)
     before = base.clone()
@@ -77,7 +73,7 @@ def test_offset_views_aligned_and_not(offset):
 
 
 def test_pairs_the_kernels_do_not_take_go_to_the_fallback_in_the_same_call():
-    gen = _gen("mixed")
+    gen = seeded("mixed")
     shadows = [rand(100, torch.float64, gen), rand((9, 8), torch.float32, gen).t(),
                rand(50, torch.float32, gen)]
     params = [rand(100, torch.float32, gen), rand((8, 9), torch.bfloat16, gen),
@@ -87,7 +83,7 @@ def test_pairs_the_kernels_do_not_take_go_to_the_fallback_in_the_same_call():
 
 @pytest.mark.parametrize("dd,sd", PAIRS, ids=[f"{a}-{b}".replace("torch.", "") for a, b in PAIRS])
 def test_copy_with_scale(dd, sd):
-    gen = _gen("copy", dd, sd)
+    gen = seeded("copy", dd, sd)
     src = [rand(n, sd, gen) for n in SIZES]
     dst = [rand(n, dd, gen) for n in SIZES]
     ema_copy_(dst, src, 1.5, backend="triton")
@@ -98,7 +94,7 @@ def test_copy_with_scale(dd, sd):
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 def test_swap_is_exact(dtype):
-    gen = _gen("swap", dtype)
+    gen = seeded("swap", dtype)
     a = [rand(n, dtype, gen) for n in SIZES]
     b = [rand(n, dtype, gen) for n in SIZES]
     a0, b0 = [x.clone() for x in a], [x.clone() for x in b]
@@ -127,7 +123,7 @@ def test_ema_end_to_end_matches_the_foreach_backend():
     model = torch.nn.Sequential(torch.nn.Linear(33, 65), torch.nn.LayerNorm(65),
                                 torch.nn.Linear(65, 7)).to(torch.bfloat16)
     ours, ref = EMA(model, decay=0.9, backend="triton"), EMA(model, decay=0.9, backend="foreach")
-    gen = _gen("e2e")
+    gen = seeded("e2e")
     for _ in range(3):
         with torch.no_grad():
             for prm in model.parameters():
