@@ -208,7 +208,12 @@ void run(std::vector<Chunk> chunks, float scalar) {
   job->chunks = std::move(chunks);
   job->scalar = scalar;
   if (total > 1 && !at::in_parallel_region()) {
-    job->parts = std::min<size_t>(std::max(at::get_num_threads(), 1), total);
+    // one participant per kChunk elements at most: handing a few small tensors to the
+    // pool costs more than it saves (500 tensors of 16 elements: 66 -> 10 us)
+    int64_t elements = 0;
+    for (const Chunk& c : job->chunks) elements += c.n;
+    const size_t worth = static_cast<size_t>(std::max<int64_t>(elements / kChunk, 1));
+    job->parts = std::min({static_cast<size_t>(std::max(at::get_num_threads(), 1)), total, worth});
   }
   job->next.reset(new std::atomic<size_t>[job->parts]);
   for (size_t r = 0; r < job->parts; ++r) job->next[r] = total * r / job->parts;

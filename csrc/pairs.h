@@ -22,6 +22,14 @@ inline int dtype_code(at::ScalarType t) {
   }
 }
 
+// Whether the tensor's elements lie inside its storage (a storage resized to 0 keeps
+// the tensor's sizes but not its memory).
+inline bool fits_storage(const at::Tensor& t) {
+  return t.has_storage() &&
+         (t.storage_offset() + t.numel()) * static_cast<int64_t>(t.element_size()) <=
+             static_cast<int64_t>(t.storage().nbytes());
+}
+
 // All pairs must be on `device` (for CUDA: the first tensor's device), of equal
 // shapes, contiguous, float32/bfloat16/float16 (equal dtypes for a swap), and the two
 // sides of a pair must not partially overlap (the same tensor on both sides is fine).
@@ -51,6 +59,8 @@ inline std::vector<Pair> check_pairs(const char* op, at::TensorList a, at::Tenso
     TORCH_CHECK(x.numel() < (int64_t(1) << 32) * kTile, op, ": tensors[", i, "] has ", x.numel(),
                 " elements, more than this kernel's tile table can address");
     if (x.numel() == 0) continue;  // nothing to do, and no table row needed
+    TORCH_CHECK(fits_storage(x) && fits_storage(y), op, ": tensors[", i,
+                "] reach past the end of their storage (freed or resized, e.g. by FSDP?)");
     TORCH_CHECK(at::get_overlap_status(x, y) != at::MemOverlapStatus::Partial, op, ": tensors[",
                 i, "] partially overlap");
     const void* yp = kind == Kind::Swap ? y.data_ptr() : y.const_data_ptr();

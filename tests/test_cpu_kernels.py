@@ -97,6 +97,15 @@ def test_partial_overlap_is_refused_before_writing(ops):
     assert torch.equal(same, torch.arange(5.0))
 
 
+def test_a_freed_storage_is_refused_not_written(ops):
+    freed = torch.zeros(1000)
+    freed.untyped_storage().resize_(0)  # what FSDP does to unsharded params between uses
+    first = torch.zeros(8)
+    with pytest.raises(RuntimeError, match=r"tensors\[1\] reach past the end of their storage"):
+        ops.kernel_update_([first, torch.zeros(1000)], [torch.ones(8), freed], 0.5)
+    assert not first.any()
+
+
 def test_checks_name_the_index_and_write_nothing(ops):
     shadows = [torch.zeros(4), torch.zeros(3)]
     params = [torch.ones(4), torch.ones(5)]
