@@ -42,7 +42,7 @@ def _extension_args() -> dict:
                          f"--no-build-isolation so the build uses it ({exc})")
     flags = _build_flags()
     csrc = os.path.join("csrc")
-    sources = [os.path.join(csrc, f) for f in flags.CPU_SOURCES + flags.AOT_ONLY_SOURCES]
+    sources = [os.path.join(csrc, f) for f in flags.CPU_SOURCES]
     nvcc = flags.nvcc_path(cpp_extension.CUDA_HOME)
     problem = ("EMA_FUSED_BUILD_CUDA=0" if not _flag("EMA_FUSED_BUILD_CUDA", "1") else
                flags.cuda_problem(torch.version.cuda, torch.__version__, cpp_extension.CUDA_HOME))

@@ -1,11 +1,14 @@
-// The Python module entry of the AOT build, so that `import ema_fused._C` loads the
-// shared library (which registers the kernel ops with the dispatcher as it loads).
-// The module itself is empty: everything is reached through torch.ops.ema_fused.
-// (JIT builds are loaded with torch.ops.load_library and do not need it.)
-#include <Python.h>
+// The extension's Python module (``ema_fused._C`` in the AOT build; the JIT build's
+// module has the build's name).  Loading the library registers the kernel ops with the
+// dispatcher (torch.ops.ema_fused.*); the module itself holds the host-path helpers
+// (host_path.cpp) that EMA's cached plan uses.
+#include <torch/extension.h>
 
-extern "C" PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",
-                                          "ema_fused's C++/CUDA kernel ops", -1, nullptr};
-  return PyModule_Create(&module_def);
+namespace ema_fused {
+void bind_host_path(pybind11::module_& m);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "ema_fused's C++/CUDA kernel ops and host-path helpers";
+  ema_fused::bind_host_path(m);
 }

@@ -9,11 +9,10 @@ import shutil
 import subprocess
 from typing import Optional
 
-#: Sources in csrc/; CUDA ones only when the build has CUDA.
-CPU_SOURCES = ("ema_ops.cpp", "cpu_kernels.cpp")
+#: Sources in csrc/; CUDA ones only when the build has CUDA.  python_module.cpp is the
+#: Python module (``ema_fused._C``, or the JIT build's name) with host_path.cpp's helpers.
+CPU_SOURCES = ("ema_ops.cpp", "cpu_kernels.cpp", "host_path.cpp", "python_module.cpp")
 CUDA_SOURCES = ("cuda_kernels.cu",)
-#: The AOT module's Python entry (``import ema_fused._C``); JIT builds do not need it.
-AOT_ONLY_SOURCES = ("python_module.cpp",)
 HEADERS = ("multi_tensor.h", "pairs.h")
 
 #: Always-built arches: A100 and H100 class GPUs.

@@ -72,18 +72,32 @@ def swap_(a: Tensors, b: Tensors) -> None:
 
 
 class _Prepared:
-    """Pairs split once into kernel pairs and fallback pairs (for EMA's cached plan)."""
+    """Pairs split once into kernel pairs and fallback pairs (for EMA's cached plan).
+
+    The kernel pairs are also held in C++ (``PairSet``, ``csrc/host_path.cpp``), which
+    calls the same ops through the dispatcher without converting the Python lists on
+    every update; while ``torch.compile`` traces, the ops are called from Python.
+    """
 
     def __init__(self, shadows: Tensors, params: Tensors) -> None:
         self.ks, self.kp, self.rs, self.rp = _split(shadows, params)
+        mod = _extension.module()
+        self._held = mod.PairSet(self.ks, self.kp) if self.ks and hasattr(mod, "PairSet") else None
 
     def update_(self, weight) -> None:
-        _kernel_update(self.ks, self.kp, weight)
+        if self._held is None or torch.compiler.is_compiling():
+            _kernel_update(self.ks, self.kp, weight)
+        elif isinstance(weight, torch.Tensor):
+            self._held.update_graph_safe_(weight)
+        else:
+            self._held.update_(weight)
         if self.rs:
             fallback.update_(self.rs, self.rp, weight)
 
     def copy_(self, scale: float) -> None:
-        if self.ks:
+        if self._held is not None and not torch.compiler.is_compiling():
+            self._held.copy_(scale)
+        elif self.ks:
             torch.ops.ema_fused.kernel_copy_(self.ks, self.kp, scale)
         if self.rs:
             fallback.copy_(self.rs, self.rp, scale)

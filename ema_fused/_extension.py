@@ -20,6 +20,7 @@ from . import _build_flags
 
 _lock = threading.RLock()
 _how: Optional[str] = None  # "aot (path)" or "jit (path)" once loaded
+_module = None  # the extension's Python module (host-path helpers), once loaded
 _aot_error: Optional[str] = None
 _jit_error: Optional[str] = None
 BUILD_HINT = ("build it with `python -m ema_fused build` (just in time, cached) or "
@@ -31,31 +32,37 @@ def loaded() -> Optional[str]:
     return _how
 
 
+def module():
+    """The loaded extension's Python module (``Snapshot``, ``PairSet``), or None."""
+    return _module
+
+
+def _loaded(how: str, mod) -> bool:
+    global _how, _module
+    _how, _module = how, mod
+    _register_fakes()
+    return True
+
+
 def load(build: bool = False) -> bool:
     """Load the AOT build; failing that, build just in time if ``build``.  True if loaded."""
-    global _how, _aot_error, _jit_error
+    global _aot_error, _jit_error
     with _lock:
         if _how is not None:
             return True
         if _aot_error is None:
             try:
                 from . import _C
-                _how = f"aot ({_C.__file__})"
-                _register_fakes()
-                return True
+                return _loaded(f"aot ({_C.__file__})", _C)
             except (ImportError, OSError) as exc:  # absent, or built for another torch
                 _aot_error = f"no AOT build ({exc})"
             cached = _cached_jit_library()
             if cached is not None:
-                torch.ops.load_library(str(cached))
-                _how = f"jit, cached ({cached})"
-                _register_fakes()
-                return True
+                return _loaded(f"jit, cached ({cached})", _import_library(cached))
         if build and _jit_error is None:
             try:
-                _how = f"jit ({_build_now()})"
-                _register_fakes()
-                return True
+                where, mod = _build_now()
+                return _loaded(f"jit ({where})", mod)
             except Exception as exc:  # any compiler/toolkit failure: keep it as the reason
                 _jit_error = f"the just-in-time build failed: {type(exc).__name__}: {_tail(exc)}"
         return False
@@ -99,6 +106,18 @@ def _jit_name(with_cuda: bool) -> str:
     return "ema_fused_ext_" + ("cuda" if with_cuda else "cpu")
 
 
+def _import_library(path: Path):
+    """Import a JIT-built library as the Python module it is (its name is the file's)."""
+    import importlib.machinery
+    import importlib.util
+    name = path.name.split(".")[0]
+    loader = importlib.machinery.ExtensionFileLoader(name, str(path))
+    spec = importlib.util.spec_from_file_location(name, str(path), loader=loader)
+    mod = importlib.util.module_from_spec(spec)
+    loader.exec_module(mod)
+    return mod
+
+
 def _cached_jit_library() -> Optional[Path]:
     """A JIT build made earlier (``python -m ema_fused build``) that is newer than every
     source, so loading it compiles nothing; None if there is none."""
@@ -120,7 +139,8 @@ def cuda_build_possible() -> tuple[bool, str]:
     return problem is None, problem or ""
 
 
-def _build_now(with_cuda: Optional[bool] = None, verbose: bool = False) -> str:
+def _build_now(with_cuda: Optional[bool] = None, verbose: bool = False):
+    """Compile and load; returns (the build folder, the extension's Python module)."""
     from torch.utils import cpp_extension
     if with_cuda is None:
         with_cuda = cuda_build_possible()[0]
@@ -143,15 +163,15 @@ def _build_now(with_cuda: Optional[bool] = None, verbose: bool = False) -> str:
         print(f"ema_fused: building the C++{'/CUDA' if with_cuda else ''} extension just in "
               f"time (a minute or two the first time; cached in {where})", file=sys.stderr,
               flush=True)
-        cpp_extension.load(name=name, sources=[str(src / n) for n in names],
-                           extra_cflags=_build_flags.cxx_flags(),
-                           extra_cuda_cflags=_build_flags.nvcc_flags(),
-                           extra_include_paths=[str(src)], build_directory=str(where),
-                           is_python_module=False, verbose=verbose)
+        mod = cpp_extension.load(name=name, sources=[str(src / n) for n in names],
+                                 extra_cflags=_build_flags.cxx_flags(),
+                                 extra_cuda_cflags=_build_flags.nvcc_flags(),
+                                 extra_include_paths=[str(src)], build_directory=str(where),
+                                 is_python_module=True, verbose=verbose)
     finally:
         os.environ.clear()
         os.environ.update(env)
-    return str(where)
+    return str(where), mod
 
 
 def build(with_cuda: Optional[bool] = None, verbose: bool = False) -> str:
@@ -160,12 +180,11 @@ def build(with_cuda: Optional[bool] = None, verbose: bool = False) -> str:
     ``with_cuda``: None builds the CUDA kernels when a CUDA toolkit and a CUDA build
     of torch are present.  Returns how it was loaded; raises with the reason on failure.
     """
-    global _how
     with _lock:
         if load(build=False):
             return _how
-        _how = f"jit ({_build_now(with_cuda, verbose)})"
-        _register_fakes()
+        where, mod = _build_now(with_cuda, verbose)
+        _loaded(f"jit ({where})", mod)
         return _how
 
 

@@ -151,6 +151,31 @@ class Tracked:
             out.append(t)
         return out
 
+    def watch_lists(self) -> Optional[tuple[list, list, list, list, list, list]]:
+        """Where :meth:`read` finds every tensor, as plain lists for a C++ snapshot
+        (``_host_path``): module-tree edges ``(parent dicts, keys, children)``, the dicts
+        whose sizes must not change (every module's ``_modules``, ``_parameters`` and
+        ``_buffers``: an added or removed tensor or module), and each entry's
+        ``(dict, key)`` slot.  Empty edges and slots for a tensor list, whose tensors
+        this object holds itself.  None if the tree cannot be resolved."""
+        if self.module is None:
+            return [], [], [], [], [], []
+        mods = self._modules_of(self.module)
+        if mods is None:
+            return None
+        link_dicts, link_keys, link_children = [], [], []
+        for path, parent, child in self._tree:
+            link_dicts.append(mods[parent]._modules)
+            link_keys.append(child)
+            link_children.append(mods[path])
+        sized = [d for m in mods.values() for d in (m._modules, m._parameters, m._buffers)]
+        slot_dicts, slot_keys = [], []
+        for e in self.entries:
+            owner = mods[e.module_path]
+            slot_dicts.append(owner._buffers if e.is_buffer else owner._parameters)
+            slot_keys.append(e.key)
+        return link_dicts, link_keys, link_children, sized, slot_dicts, slot_keys
+
     def check_shapes(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """``tensors`` if every shape is the one the EMA was made with; else raise naming it."""
         for e, t in zip(self.entries, tensors):

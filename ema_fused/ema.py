@@ -6,7 +6,7 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from . import _backend, _checkpoint, _validate
+from . import _backend, _checkpoint, _host_path, _validate
 from ._capturable import DeviceSchedule
 from ._reads import AveragedReads
 from ._staging import copy_across_, update_across_
@@ -23,6 +23,8 @@ class _Plan:
     def __init__(self, ema_s: list, ema_p: list, copy_s: list, copy_p: list) -> None:
         self.ema_s, self.ema_p, self.copy_s, self.copy_p = ema_s, ema_p, copy_s, copy_p
         self.groups: Optional[list] = None  # [(backend, shadows, params, prepared)]; None: staged
+        self.key: Optional[list] = None  # the Python check, where there is no snapshot
+        self.snapshot = None  # _host_path's C++ check, where the extension is loaded
 
 
 def _positive_int(name: str, value: int, low: int) -> int:
@@ -102,7 +104,7 @@ class EMA(AveragedReads):
             self._device_schedule = DeviceSchedule(devices.pop(), schedule,
                                                    self.update_after_step, self.update_every)
         self._decay_product = 1.0
-        self._plan: Optional[tuple[list, _Plan]] = None
+        self._plan: Optional[_Plan] = None
         self._backup: Optional[list[torch.Tensor]] = None
         self._swapped = False  # inside average_parameters(): shadows hold the model's weights
 
@@ -178,7 +180,9 @@ class EMA(AveragedReads):
 
         ``active`` (capturable mode): a device bool; where false the copies keep their value.
         """
-        plan = self._plan_for(self._tracked.read(check_shapes=False))
+        plan = self._plan
+        if plan is None or plan.snapshot is None or not plan.snapshot.still_valid():
+            plan = self._plan_for(self._tracked.read(check_shapes=False))
         with torch.no_grad():
             if plan.groups is None:  # some shadows live on another device: staged copies
                 run = copy_across_ if copy else update_across_
@@ -201,11 +205,14 @@ class EMA(AveragedReads):
         dtype, device, contiguity and shape, so a replaced storage is never written
         through an old plan (and a reshaped tensor is reported, naming it).
 
-        Rebuilding costs several passes over the tensors; the check is one.
+        Rebuilding costs several passes over the tensors; the check is one.  With the
+        C++ extension loaded, ``_average`` asks the plan's snapshot first (one call, no
+        read) and comes here only when it fails.
         """
         key = [(t.data_ptr(), t.dtype, t.get_device(), t.is_contiguous(), t.shape) for t in live]
-        if self._plan is not None and self._plan[0] == key:
-            return self._plan[1]
+        if self._plan is not None and self._plan.key == key:
+            return self._plan
+        self._plan = None  # a failed check below must not leave the old plan in use
         self._tracked.check_shapes(live)
         self._follow_devices(live)
         plan = _Plan(*self._split(live))
@@ -215,7 +222,9 @@ class EMA(AveragedReads):
                 impl = _backend.select(self._backend_request, dev)
                 prepared = impl.prepare(ga, gb) if impl.prepare is not None else None
                 plan.groups.append((impl, ga, gb, prepared))
-        self._plan = (key, plan)
+        plan.key = key
+        plan.snapshot = _host_path.snapshot(self._tracked, live, self._shadows)
+        self._plan = plan
         self.backend = self._backend_names()
         return plan
 

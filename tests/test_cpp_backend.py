@@ -142,7 +142,8 @@ def test_jit_build_compiles_loads_and_is_found_again(tmp_path):
     script = (
         "import torch\n"
         "from ema_fused import _extension as e\n"
-        "where = e._build_now(with_cuda=False)\n"
+        "where, mod = e._build_now(with_cuda=False)\n"
+        "assert hasattr(mod, 'Snapshot') and hasattr(mod, 'PairSet'), dir(mod)\n"
         "s, p = [torch.zeros(5)], [torch.ones(5, dtype=torch.bfloat16)]\n"
         "torch.ops.ema_fused.kernel_update_(s, p, 0.25)\n"
         "assert torch.equal(s[0], torch.full((5,), 0.25)), s\n"
@@ -155,6 +156,15 @@ def test_jit_build_compiles_loads_and_is_found_again(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.startswith("ok " + str(tmp_path))
     assert "building the C++ extension just in time" in out.stderr  # said before the wait
+    # a fresh interpreter imports the cached build as a module, compiling nothing
+    again = ("from ema_fused import _extension as e\n"
+             "mod = e._import_library(e._cached_jit_library())\n"
+             "s = mod.Snapshot([], [], [], [], [], [], [], [])\n"
+             "assert s.still_valid()\n"
+             "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", again], capture_output=True, text=True,
+                         env=env, cwd=ROOT, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
 
 
 def test_build_command_rejects_unknown_options():
