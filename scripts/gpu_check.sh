@@ -11,11 +11,12 @@
 # 3. runs the GPU tests (pytest -m gpu), then the whole tests folder;
 # 4. with EMA_SANITIZE=1 and compute-sanitizer on PATH, the GPU tests under memcheck,
 #    then the C++/CUDA kernels' tests under racecheck;
-# 5. the full benchmark suite, benchmarks/run.py --out OUT_DIR (extra run.py arguments in
+# 5. the host cost of ema.update() for 500 tensors (benchmarks/bench_host.py), then the
+#    full benchmark suite, benchmarks/run.py --out OUT_DIR (extra run.py arguments in
 #    $BENCH_ARGS, e.g. BENCH_ARGS="--models llama-1.1b");
 # and prints a status table and ema_fused's speed-ups last.  Everything lands in OUT_DIR,
-# at most 8 files: setup.log, tests.log, sanitizer.log, bench.log, summary.txt and the
-# suite's bench_<gpu>_<date>.{json,md,png}.  EMA_SKIP_TESTS=1 / EMA_SKIP_BENCH=1 leave a
+# at most 9 files: setup.log, tests.log, sanitizer.log, bench.log, summary.txt,
+# host_<gpu>_<date>.json and the suite's bench_<gpu>_<date>.{json,md,png}.  EMA_SKIP_TESTS=1 / EMA_SKIP_BENCH=1 leave a
 # part out (e.g. to fit a time limit).  Exit status: non-zero if any step failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -77,6 +78,7 @@ if [ "${EMA_SKIP_TESTS:-0}" = "0" ]; then
 fi
 
 if [ "${EMA_SKIP_BENCH:-0}" = "0" ]; then
+    step "host cost" "$OUT_DIR/bench.log" "$PY" benchmarks/bench_host.py --out "$OUT_DIR"
     # shellcheck disable=SC2086  # BENCH_ARGS is a list of words on purpose
     step "benchmark suite" "$OUT_DIR/bench.log" "$PY" benchmarks/run.py --out "$OUT_DIR" \
         ${BENCH_ARGS:-}

@@ -19,9 +19,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import compare, models, providers, run  # noqa: E402
+from benchmarks import bench_host, compare, models, providers, run  # noqa: E402
 
-from ema_fused import available_backends  # noqa: E402
+from ema_fused import _extension, _host_path, available_backends  # noqa: E402
 
 PEERS = {"torch._foreach_lerp_": None, "timm ModelEmaV3": "timm", "timm ModelEmaV2": "timm",
          "AveragedModel": None, "torch_ema": "torch_ema", "ema-pytorch": "ema_pytorch",
@@ -175,3 +175,21 @@ def test_gpu_figures(tmp_path):
             assert isinstance(row["host_sync"], bool), name
             assert row["launches"] is None or row["launches"]["total"] >= 1, name
             assert row["peak_extra_bytes"] >= 0
+
+
+def test_host_cost_benchmark_times_every_usable_backend_both_ways(tmp_path, capsys):
+    real = _host_path.snapshot
+    assert bench_host.main(["--device", "cpu", "--rounds", "2", "--batch", "2",
+                            "--out", str(tmp_path)]) == 0
+    assert _host_path.snapshot is real  # the "python check" cases put it back
+    files = list(tmp_path.glob("host_cpu-*core_*.json"))
+    assert len(files) == 1
+    rows = {r["case"]: r for r in json.loads(files[0].read_text())["rows"]}
+    usable = [n for n, (ok, _) in available_backends("cpu").items() if ok and n != "triton"]
+    checks = ["snapshot", "python check"] if _extension.load(build=False) else ["python check"]
+    expected = {f"ema_fused[{n}], {c}" for n in usable for c in checks}
+    expected.add("torch._foreach_lerp_ (fp32 lists)")
+    assert set(rows) == expected
+    for r in rows.values():
+        assert 0 < r["p20_us"] <= r["median_us"] <= r["p80_us"] and r["note"] == "500 tensors"
+    assert "| ema_fused[foreach], python check |" in capsys.readouterr().out
