@@ -110,6 +110,7 @@ class Snapshot {
   }
 
   bool still_valid() const {
+    if (cleared_) return false;
     for (size_t i = 0; i < link_dicts_.size(); ++i) {
       PyObject* now = PyDict_GetItemWithError(link_dicts_[i].ptr(), link_keys_[i].ptr());
       if (now == nullptr) {
@@ -135,7 +136,27 @@ class Snapshot {
     return true;
   }
 
+ // For the garbage collector (see gc_aware below).
+  template <typename Visit>
+  int visit_all(Visit&& visit) const {
+    for (const auto& d : link_dicts_) if (int r = visit(d)) return r;
+    for (const auto& o : link_keys_) if (int r = visit(o)) return r;
+    for (const auto& o : link_children_) if (int r = visit(o)) return r;
+    for (const auto& d : sized_) if (int r = visit(d)) return r;
+    for (const auto& d : slot_dicts_) if (int r = visit(d)) return r;
+    for (const auto& o : slot_keys_) if (int r = visit(o)) return r;
+    for (const auto& o : tensors_) if (int r = visit(o)) return r;
+    for (const auto& o : fixed_) if (int r = visit(o)) return r;
+    return 0;
+  }
+  void clear() {
+    cleared_ = true;
+    link_dicts_.clear(), link_keys_.clear(), link_children_.clear(), sized_.clear();
+    slot_dicts_.clear(), slot_keys_.clear(), tensors_.clear(), fixed_.clear();
+  }
+
  private:
+  bool cleared_ = false;
   std::vector<py::dict> link_dicts_;
   std::vector<py::object> link_keys_, link_children_;
   std::vector<py::dict> sized_;
@@ -189,6 +210,17 @@ class PairSet {
   }
   size_t size() const { return a_.size(); }
 
+  template <typename Visit>
+  int visit_all(Visit&& visit) const {
+    for (const auto& o : a_) if (int r = visit(o)) return r;
+    for (const auto& o : b_) if (int r = visit(o)) return r;
+    return 0;
+  }
+  void clear() {
+    cleared_ = true;
+    a_.clear(), b_.clear();
+  }
+
  private:
   static std::vector<at::Tensor> owned(const std::vector<py::object>& objs) {
     std::vector<at::Tensor> out;
@@ -237,6 +269,7 @@ class PairSet {
 
   template <typename F>
   void run(F&& call) const {
+    TORCH_CHECK(!cleared_, "PairSet: cleared by the garbage collector");
     if (a_.empty()) return;
     if (long_cpu_call()) {
       const std::vector<at::Tensor> a = owned(a_), b = owned(b_);
@@ -256,13 +289,44 @@ class PairSet {
     }
   }
 
+  bool cleared_ = false;
   std::vector<py::object> a_, b_;
 };
+
+// The classes hold Python objects (dicts, modules, tensors) that may lead back to their
+// owner (an EMA kept on its own model: model -> ema -> plan -> snapshot -> model's
+// modules).  The garbage collector must see those references, or such a cycle would
+// never be freed.
+// Whether __init__ has built the C++ object (the collector can visit one before).
+bool constructed(PyObject* self) {
+  return reinterpret_cast<py::detail::instance*>(self)->get_value_and_holder().holder_constructed();
+}
+
+template <typename T>
+py::custom_type_setup gc_aware() {
+  return py::custom_type_setup([](PyHeapTypeObject* heap_type) {
+    auto* type = &heap_type->ht_type;
+    type->tp_flags |= Py_TPFLAGS_HAVE_GC;
+    type->tp_traverse = [](PyObject* self, visitproc visit, void* arg) -> int {
+      Py_VISIT(Py_TYPE(self));  // heap types own a reference to their type
+      if (!constructed(self)) return 0;
+      const T& me = py::cast<const T&>(py::handle(self));
+      return me.visit_all([&](const py::handle& h) -> int {
+        Py_VISIT(h.ptr());
+        return 0;
+      });
+    };
+    type->tp_clear = [](PyObject* self) -> int {
+      if (constructed(self)) py::cast<T&>(py::handle(self)).clear();
+      return 0;
+    };
+  });
+}
 
 }  // namespace
 
 void bind_host_path(py::module_& m) {
-  py::class_<Snapshot>(m, "Snapshot")
+  py::class_<Snapshot>(m, "Snapshot", gc_aware<Snapshot>())
       .def(py::init<const py::list&, const py::list&, const py::list&, const py::list&,
                     const py::list&, const py::list&, const py::list&, const py::list&>(),
            py::arg("link_dicts"), py::arg("link_keys"), py::arg("link_children"),
@@ -271,7 +335,7 @@ void bind_host_path(py::module_& m) {
       .def("still_valid", &Snapshot::still_valid);
   // The GIL is released around the kernels, so a long CPU update does not stall other
   // Python threads.
-  py::class_<PairSet>(m, "PairSet")
+  py::class_<PairSet>(m, "PairSet", gc_aware<PairSet>())
       .def(py::init<const py::list&, const py::list&>())
       .def("update_", &PairSet::update)
       .def("update_graph_safe_", &PairSet::update_graph_safe)

@@ -191,3 +191,19 @@ def test_ema_uses_both_helpers_on_the_cpu_backend(C):
     assert prepared._held is not None and len(prepared._held) == len(prepared.ks) > 0
     ema.update()
     assert ema._plan is plan
+
+
+def test_an_ema_kept_on_its_own_model_is_freed(C):
+    """model.head -> ema -> plan -> snapshot -> the model's modules: a cycle through the
+    C++ objects, which the garbage collector must see to free it."""
+    import gc
+    import weakref
+    model = nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.Linear(2, 2)))
+    ema = EMA(model, backend="cpu")
+    ema.update()
+    assert ema._plan.snapshot is not None and ema._plan.groups[0][3]._held is not None
+    model[1][0].ema = ema  # kept on a submodule, as training frameworks often do
+    refs = [weakref.ref(ema), weakref.ref(model), weakref.ref(model[1][0].weight)]
+    del ema, model
+    gc.collect()
+    assert [r() for r in refs] == [None, None, None]
