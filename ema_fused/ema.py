@@ -207,10 +207,12 @@ class EMA(AveragedReads):
 
         Rebuilding costs several passes over the tensors; the check is one.  With the
         C++ extension loaded, ``_average`` asks the plan's snapshot first (one call, no
-        read) and comes here only when it fails.
+        read) and comes here only when it failed: then the plan is rebuilt even if the
+        key matches (e.g. a new Parameter object over the same storage), so that the
+        next snapshot holds the new objects.
         """
         key = [(t.data_ptr(), t.dtype, t.get_device(), t.is_contiguous(), t.shape) for t in live]
-        if self._plan is not None and self._plan.key == key:
+        if self._plan is not None and self._plan.snapshot is None and self._plan.key == key:
             return self._plan
         self._plan = None  # a failed check below must not leave the old plan in use
         self._tracked.check_shapes(live)

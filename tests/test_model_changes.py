@@ -244,3 +244,19 @@ def test_unchanged_model_keeps_its_plan(check_mode):
                 p.add_(1.0)  # values change in place: the plan stays
         ema.update()
     assert ema._plan is plan
+
+
+def test_new_parameter_over_the_same_storage_gets_a_new_plan(check_mode):
+    """Same address and layout, another Parameter object: the Python key cannot tell, the
+    snapshot can; either way the update reaches the model's tensor."""
+    model = make_model()
+    ema = _ema(check_mode, model, decay=0.5)
+    plan = ema._plan
+    start = _shadow(ema, "3.bias").clone()
+    model[3].bias = nn.Parameter(model[3].bias.data)  # aliases the old storage
+    with torch.no_grad():
+        model[3].bias.fill_(6.0)
+    ema.update()
+    torch.testing.assert_close(_shadow(ema, "3.bias"), 0.5 * start + 3.0)
+    if check_mode == "snapshot":
+        assert ema._plan is not plan and ema._plan.snapshot.still_valid()
