@@ -13,7 +13,6 @@ from typing import Optional
 #: Python module (``ema_fused._C``, or the JIT build's name) with host_path.cpp's helpers.
 CPU_SOURCES = ("ema_ops.cpp", "cpu_kernels.cpp", "host_path.cpp", "python_module.cpp")
 CUDA_SOURCES = ("cuda_kernels.cu",)
-HEADERS = ("multi_tensor.h", "pairs.h")
 
 #: Always-built arches: A100 and H100 class GPUs.
 BASE_ARCHES = ("8.0", "9.0")

@@ -81,8 +81,8 @@ class _Prepared:
 
     def __init__(self, shadows: Tensors, params: Tensors) -> None:
         self.ks, self.kp, self.rs, self.rp = _split(shadows, params)
-        mod = _extension.module()
-        self._held = mod.PairSet(self.ks, self.kp) if self.ks and hasattr(mod, "PairSet") else None
+        # a backend of this file is chosen only once the extension is loaded
+        self._held = _extension.module().PairSet(self.ks, self.kp) if self.ks else None
 
     def update_(self, weight) -> None:
         if self._held is None or torch.compiler.is_compiling():

@@ -25,13 +25,10 @@ def snapshot(tracked: Tracked, live: Sequence[torch.Tensor],
     where the extension is not loaded or a tensor cannot be watched (no storage)."""
     if not _extension.load(build=False):
         return None
-    mod = _extension.module()
     lists = tracked.watch_lists()
-    if mod is None or not hasattr(mod, "Snapshot") or lists is None:
+    if lists is None:
         return None
-    link_dicts, link_keys, link_children, sized, slot_dicts, slot_keys = lists
     try:
-        return mod.Snapshot(link_dicts, link_keys, link_children, sized, slot_dicts,
-                            slot_keys, list(live), list(shadows))
+        return _extension.module().Snapshot(*lists, list(live), list(shadows))
     except (RuntimeError, TypeError):  # e.g. a tensor without storage: use the Python path
         return None
