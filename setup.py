@@ -25,8 +25,8 @@ def _flag(name: str, default: str) -> bool:
 
 
 def _build_flags():
-    """ema_fused/_build_flags.py alone (importing the package would need it installed)."""
-    path = os.path.join(HERE, "ema_fused", "_build_flags.py")
+    """ema_fused/backends/build_flags.py alone (importing the package would need it installed)."""
+    path = os.path.join(HERE, "ema_fused", "backends", "build_flags.py")
     spec = importlib.util.spec_from_file_location("_ema_fused_build_flags", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -63,7 +63,7 @@ def _extension_args() -> dict:
 
 
 setup(
-    packages=["ema_fused", "ema_fused.triton_kernels", "ema_fused.csrc"],
+    packages=["ema_fused", "ema_fused.backends", "ema_fused.triton_kernels", "ema_fused.csrc"],
     package_dir={"ema_fused": "ema_fused", "ema_fused.triton_kernels": "triton_kernels",
                  "ema_fused.csrc": "csrc"},
     package_data={"ema_fused.csrc": ["*.cpp", "*.cu", "*.h", "README.md"]},

@@ -31,7 +31,8 @@ if __package__ in (None, ""):
 
 import torch
 
-from ema_fused import EMA, _extension, _host_path
+from ema_fused import EMA, _host_path
+from ema_fused.backends import extension as _extension
 from benchmarks import models, providers, report
 from benchmarks.timing import percentile
 

@@ -8,7 +8,7 @@
         evaluate(model)
 """
 from . import schedules
-from ._backend import BackendUnavailableError, available_backends
+from .backends import BackendUnavailableError, available_backends
 from ._tracking import ModelChangedError
 from .ema import EMA
 from .ops import ema_copy_, ema_swap_, ema_update_

@@ -13,8 +13,9 @@ import sys
 
 import torch
 
-from . import __version__, _extension, available_backends
-from ._backend import ENV_VAR
+from . import __version__, available_backends
+from .backends import extension as _extension
+from .backends.selection import ENV_VAR
 
 
 def _triton_version() -> str:

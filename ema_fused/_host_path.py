@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import _extension
+from .backends import extension as _extension
 from ._tracking import Tracked
 
 

@@ -11,7 +11,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .fallback import pieces
+from .backends.foreach import pieces
 from .ops import dispatch
 
 STAGE_ELEMENTS = 1 << 24

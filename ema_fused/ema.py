@@ -6,7 +6,8 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from . import _backend, _checkpoint, _host_path, _validate
+from . import _checkpoint, _host_path, _validate
+from .backends import selection as _backend
 from ._capturable import DeviceSchedule
 from ._reads import AveragedReads
 from ._staging import copy_across_, update_across_

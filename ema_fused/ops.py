@@ -16,10 +16,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from . import _backend, _validate
-from . import _cpp_backend  # noqa: F401  (registers the "cuda" and "cpu" backends)
-from . import _triton_backend  # noqa: F401  (registers the "triton" backend)
-from . import fallback as _fallback  # noqa: F401  (registers the "foreach" backend)
+from . import _validate
+from .backends import foreach as _fallback
+from .backends import selection as _backend
 
 Tensors = Sequence[torch.Tensor]
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ema_fused import BackendUnavailableError, EMA, available_backends, ema_update_
-from ema_fused import _backend
+from ema_fused.backends import selection as _backend
 
 
 def test_available_backends_lists_all_four_with_reasons():

@@ -21,7 +21,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks import bench_host, compare, models, providers, run  # noqa: E402
 
-from ema_fused import _extension, _host_path, available_backends  # noqa: E402
+from ema_fused import _host_path, available_backends  # noqa: E402
+from ema_fused.backends import extension as _extension  # noqa: E402
 
 PEERS = {"torch._foreach_lerp_": None, "timm ModelEmaV3": "timm", "timm ModelEmaV2": "timm",
          "AveragedModel": None, "torch_ema": "torch_ema", "ema-pytorch": "ema_pytorch",

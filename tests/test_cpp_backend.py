@@ -15,7 +15,9 @@ import pytest
 import torch
 
 import ema_fused
-from ema_fused import EMA, _backend, _extension, ema_copy_, ema_swap_, ema_update_
+from ema_fused import EMA, ema_copy_, ema_swap_, ema_update_
+from ema_fused.backends import extension as _extension
+from ema_fused.backends import selection as _backend
 from conftest import assert_rounded_close, compute_dtype, lerp_reference, rand
 
 OPS = ("kernel_update_", "kernel_update_graph_safe_", "kernel_copy_", "kernel_swap_")
@@ -141,7 +143,7 @@ def test_jit_build_compiles_loads_and_is_found_again(tmp_path):
     pytest.importorskip("ninja")
     script = (
         "import torch\n"
-        "from ema_fused import _extension as e\n"
+        "from ema_fused.backends import extension as e\n"
         "where, mod = e._build_now(with_cuda=False)\n"
         "assert hasattr(mod, 'Snapshot') and hasattr(mod, 'PairSet'), dir(mod)\n"
         "s, p = [torch.zeros(5)], [torch.ones(5, dtype=torch.bfloat16)]\n"
@@ -157,7 +159,7 @@ def test_jit_build_compiles_loads_and_is_found_again(tmp_path):
     assert out.stdout.startswith("ok " + str(tmp_path))
     assert "building the C++ extension just in time" in out.stderr  # said before the wait
     # a fresh interpreter imports the cached build as a module, compiling nothing
-    again = ("from ema_fused import _extension as e\n"
+    again = ("from ema_fused.backends import extension as e\n"
              "mod = e._import_library(e._cached_jit_library())\n"
              "s = mod.Snapshot([], [], [], [], [], [], [], [])\n"
              "assert s.still_valid()\n"

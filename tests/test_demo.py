@@ -5,7 +5,8 @@ import math
 
 import torch
 
-from ema_fused import _backend, demo
+from ema_fused import demo
+from ema_fused.backends import selection as _backend
 
 
 def test_demo_ema_weights_beat_the_raw_weights(capsys):

@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from ema_fused import EMA, _backend, available_backends, schedules
+from ema_fused import EMA, available_backends, schedules
+from ema_fused.backends import selection as _backend
 
 from conftest import rand
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from ema_fused import EMA, _extension
+from ema_fused import EMA
+from ema_fused.backends import extension as _extension
 
 from conftest import assert_rounded_close, compute_dtype, lerp_reference, rand, seeded
 

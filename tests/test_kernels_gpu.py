@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from ema_fused import EMA, _extension, available_backends, ema_copy_, ema_swap_, ema_update_
+from ema_fused import EMA, available_backends, ema_copy_, ema_swap_, ema_update_
+from ema_fused.backends import extension as _extension
 from ema_fused import schedules
 
 from conftest import assert_rounded_close, compute_dtype, lerp_reference, rand

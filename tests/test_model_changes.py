@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from ema_fused import EMA, ModelChangedError, _extension, _host_path
+from ema_fused import EMA, ModelChangedError, _host_path
+from ema_fused.backends import extension as _extension
 
 from test_ema import make_model
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ema_fused import ema_copy_, ema_update_
-from ema_fused import fallback
+from ema_fused.backends import foreach as fallback
 
 from conftest import ALL_DTYPES, assert_rounded_close, compute_dtype, lerp_reference, rand
 

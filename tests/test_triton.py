@@ -218,8 +218,9 @@ def test_ema_plan_reuse_and_a_transposed_parameter():
 
 
 def test_a_kernel_that_cannot_run_makes_auto_fall_back_and_a_named_request_fail(monkeypatch):
-    from ema_fused import BackendUnavailableError, _triton_backend
-    monkeypatch.setattr(_triton_backend, "_probed", {})
+    from ema_fused import BackendUnavailableError
+    from ema_fused.backends import triton as triton_backend
+    monkeypatch.setattr(triton_backend, "_probed", {})
 
     def broken(*args, **kwargs):
         raise RuntimeError("no kernel image for this device")

@@ -1,5 +1,7 @@
 """Triton kernels of ema_fused, installed as ``ema_fused.triton_kernels``.
 
-Empty in this version: the Triton backend is not implemented yet, and
-``available_backends()`` reports it as not usable.
+``ema_kernels.py`` holds the kernels (update, copy, swap: every pair of a device in one
+launch) and ``launch.py`` their tables, table cache and launches.  The ``triton``
+backend (``ema_fused/backends/triton.py``) imports them on first use, so
+``import ema_fused`` never needs Triton.
 """

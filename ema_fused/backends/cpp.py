@@ -5,7 +5,7 @@ CPU or CUDA kernels by the tensors' device.  Pairs the kernels do not take (floa
 non-contiguous) go to the ``foreach`` code in the same call, so a request never fails
 on them.  ``auto`` uses these backends only when the extension was built ahead of
 time; asking for one by name builds it just in time if needed (see
-:mod:`ema_fused._extension`).
+:mod:`ema_fused.backends.extension`).
 """
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import _extension, fallback
-from ._backend import Backend, register_backend
+from . import extension, foreach
+from .selection import Backend, register_backend
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 Tensors = Sequence[torch.Tensor]
@@ -52,7 +52,7 @@ def update_(shadows: Tensors, params: Tensors, weight) -> None:
     ks, kp, rs, rp = _split(shadows, params)
     _kernel_update(ks, kp, weight)
     if rs:
-        fallback.update_(rs, rp, weight)
+        foreach.update_(rs, rp, weight)
 
 
 def copy_(dst: Tensors, src: Tensors, scale: float) -> None:
@@ -60,7 +60,7 @@ def copy_(dst: Tensors, src: Tensors, scale: float) -> None:
     if kd:
         torch.ops.ema_fused.kernel_copy_(kd, ks, scale)
     if rd:
-        fallback.copy_(rd, rs, scale)
+        foreach.copy_(rd, rs, scale)
 
 
 def swap_(a: Tensors, b: Tensors) -> None:
@@ -68,7 +68,7 @@ def swap_(a: Tensors, b: Tensors) -> None:
     if ka:
         torch.ops.ema_fused.kernel_swap_(ka, kb)
     if ra:
-        fallback.swap_(ra, rb)
+        foreach.swap_(ra, rb)
 
 
 class _Prepared:
@@ -82,7 +82,7 @@ class _Prepared:
     def __init__(self, shadows: Tensors, params: Tensors) -> None:
         self.ks, self.kp, self.rs, self.rp = _split(shadows, params)
         # a backend of this file is chosen only once the extension is loaded
-        self._held = _extension.module().PairSet(self.ks, self.kp) if self.ks else None
+        self._held = extension.module().PairSet(self.ks, self.kp) if self.ks else None
 
     def update_(self, weight) -> None:
         if self._held is None or torch.compiler.is_compiling():
@@ -92,7 +92,7 @@ class _Prepared:
         else:
             self._held.update_(weight)
         if self.rs:
-            fallback.update_(self.rs, self.rp, weight)
+            foreach.update_(self.rs, self.rp, weight)
 
     def copy_(self, scale: float) -> None:
         if self._held is not None and not torch.compiler.is_compiling():
@@ -100,24 +100,24 @@ class _Prepared:
         elif self.ks:
             torch.ops.ema_fused.kernel_copy_(self.ks, self.kp, scale)
         if self.rs:
-            fallback.copy_(self.rs, self.rp, scale)
+            foreach.copy_(self.rs, self.rp, scale)
 
 
 def _reasons_for(device_type: str, dispatch_key: str):
     def reasons(device: Optional[torch.device]) -> list[str]:
         if device is not None and device.type != device_type:
             return [f"it runs on {device_type} tensors only"]
-        if not _extension.load(build=False):
-            return [_extension.error()]
-        if not _extension.has_kernels(dispatch_key):
-            return [f"the loaded build ({_extension.loaded()}) has no {dispatch_key} kernels "
+        if not extension.load(build=False):
+            return [extension.error()]
+        if not extension.has_kernels(dispatch_key):
+            return [f"the loaded build ({extension.loaded()}) has no {dispatch_key} kernels "
                     "(it was built without a CUDA toolkit or a CUDA build of torch)"]
         return []
     return reasons
 
 
 def _build_on_request() -> None:
-    _extension.load(build=True)  # a failure is kept and reported by the reasons
+    extension.load(build=True)  # a failure is kept and reported by the reasons
 
 
 for _name, _dev, _key, _what in (

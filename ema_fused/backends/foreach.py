@@ -24,7 +24,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from ._backend import Backend, register_backend
+from .selection import Backend, register_backend
 
 #: Elements per piece: small enough to stay in cache on a CPU, large enough to keep
 #: a GPU busy (where the fused backends should be used anyway).

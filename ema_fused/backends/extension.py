@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from . import _build_flags
+from . import build_flags as _build_flags
 
 _lock = threading.RLock()
 _how: Optional[str] = None  # "aot (path)" or "jit (path)" once loaded
@@ -52,7 +52,7 @@ def load(build: bool = False) -> bool:
             return True
         if _aot_error is None:
             try:
-                from . import _C
+                from .. import _C
                 return _loaded(f"aot ({_C.__file__})", _C)
             except (ImportError, OSError) as exc:  # absent, or built for another torch
                 _aot_error = f"no AOT build ({exc})"
@@ -86,11 +86,11 @@ def has_kernels(dispatch_key: str) -> bool:
 def source_dir() -> Path:
     """csrc/: inside an installed wheel (``ema_fused/csrc``) or beside the package in a
     source checkout (editable installs)."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "csrc", here.parent / "csrc"):
+    package = Path(__file__).resolve().parent.parent  # ema_fused/
+    for candidate in (package / "csrc", package.parent / "csrc"):
         if (candidate / _build_flags.CPU_SOURCES[0]).exists():
             return candidate
-    raise FileNotFoundError(f"ema_fused's C++ sources (csrc/) are not beside {here}")
+    raise FileNotFoundError(f"ema_fused's C++ sources (csrc/) are not beside {package}")
 
 
 def jit_build_dir(with_cuda: bool) -> Path:

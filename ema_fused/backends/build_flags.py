@@ -1,5 +1,5 @@
 """What the C++/CUDA extension is built from and with: one place for setup.py (AOT)
-and :mod:`ema_fused._extension` (JIT).  Imports nothing from ema_fused, so setup.py
+and :mod:`ema_fused.backends.extension` (JIT).  Imports nothing from ema_fused, so setup.py
 can load this file alone."""
 from __future__ import annotations
 

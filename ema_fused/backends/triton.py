@@ -14,8 +14,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import fallback
-from ._backend import Backend, register_backend
+from . import foreach
+from .selection import Backend, register_backend
 
 _kernels = None
 _load_error: Optional[str] = None
@@ -28,7 +28,7 @@ def _launcher():
     global _kernels, _load_error, _kernels_interpret
     if _kernels is None and _load_error is None:
         try:
-            from .triton_kernels import launch
+            from ..triton_kernels import launch
             _kernels, _kernels_interpret = launch, _interpreting()
         except Exception as exc:  # any import/compile-time failure disables the backend
             _load_error = f"the Triton kernels failed to import: {type(exc).__name__}: {exc}"
@@ -107,14 +107,14 @@ def update_(shadows, params, weight) -> None:
     else:
         _launcher().update(ok, weight)
     if rest_s:
-        fallback.update_(rest_s, rest_p, weight)
+        foreach.update_(rest_s, rest_p, weight)
 
 
 def copy_(dst, src, scale: float) -> None:
     ok, rest_d, rest_s = _split(dst, src)
     _launcher().copy(ok, scale)
     if rest_d:
-        fallback.copy_(rest_d, rest_s, scale)
+        foreach.copy_(rest_d, rest_s, scale)
 
 
 class _Prepared:
@@ -127,19 +127,19 @@ class _Prepared:
     def update_(self, weight) -> None:
         self.kernels.update_(weight)
         if self.rest_s:
-            fallback.update_(self.rest_s, self.rest_p, weight)
+            foreach.update_(self.rest_s, self.rest_p, weight)
 
     def copy_(self, scale: float) -> None:
         self.kernels.copy_(scale)
         if self.rest_s:
-            fallback.copy_(self.rest_s, self.rest_p, scale)
+            foreach.copy_(self.rest_s, self.rest_p, scale)
 
 
 def swap_(a, b) -> None:
     ok, rest_a, rest_b = _split(a, b)
     _launcher().swap(ok)
     if rest_a:
-        fallback.swap_(rest_a, rest_b)
+        foreach.swap_(rest_a, rest_b)
 
 
 register_backend(Backend(
