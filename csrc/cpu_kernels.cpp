@@ -33,6 +33,7 @@
 
 namespace {
 
+using ema_fused::check_overlaps;
 using ema_fused::check_pairs;
 using ema_fused::Kind;
 using ema_fused::kFloat;
@@ -102,8 +103,8 @@ struct F16 {
 // Each kernel gets a chunk's two base pointers, its length and one scalar.
 using RangeFn = void (*)(void*, void*, int64_t, float);
 
-// s += w * (p - s).  For w >= 0.5 the form p - (1 - w) * (p - s) (1 - w is exact
-// there), like torch.lerp: w == 1 gives exactly p, e.g. an EMA's first step.
+// s += w * (p - s) for 0 < w < 1 (update_with copies for w == 1 and skips w == 0).  For
+// w >= 0.5 the form p - (1 - w) * (p - s) (1 - w is exact there), like torch.lerp.
 template <typename S, typename P>
 EMA_FUSED_CLONES void update_range(void* s_raw, void* p_raw, int64_t n, float w) {
   auto* __restrict__ s = static_cast<typename S::Raw*>(s_raw);
@@ -154,13 +155,18 @@ struct Copy { static constexpr RangeFn fn = copy_range<A, B>; };
 
 struct Chunk { RangeFn fn; void* a; void* b; int64_t n; };
 
-// Every pair is checked (pairs.h) before anything is written, then cut into chunks.
-std::vector<Chunk> plan(const char* op, at::TensorList a, at::TensorList b, Kind kind) {
+// Every pair is checked (pairs.h), the pairs against each other too (the chunks run in
+// parallel, so overlapping pairs would race), before anything is written; then they are
+// cut into chunks.  `names` names the lists in messages (an update with weight 1 runs
+// the copy kernels).
+std::vector<Chunk> plan(const char* op, at::TensorList a, at::TensorList b, Kind kind,
+                        Kind names) {
+  const std::vector<Pair> pairs = check_pairs(op, a, b, names, at::Device(at::kCPU));
+  check_overlaps(op, pairs, names);
   std::vector<Chunk> chunks;
-  for (const Pair& p : check_pairs(op, a, b, kind, at::Device(at::kCPU))) {
+  for (const Pair& p : pairs) {
     RangeFn fn = nullptr;
     if (kind == Kind::Swap) {
-      if (p.a == p.b) continue;  // swapping with itself
       fn = p.code_a == kFloat ? swap_range<uint32_t> : swap_range<uint16_t>;
     } else {
       fn = kind == Kind::Update ? Table<Update>::get(p.code_a, p.code_b)
@@ -222,10 +228,18 @@ void run(std::vector<Chunk> chunks, float scalar) {
   while (job->done.load(std::memory_order_acquire) < total) std::this_thread::yield();
 }
 
+// Weight 0 changes nothing (the inputs are still checked; an Inf param must not turn its
+// shadow into NaN); weight 1 copies the params exactly, without reading the shadows.
+void update_with(const char* op, at::TensorList shadows, at::TensorList params, float weight) {
+  const Kind kind = weight == 1.0f ? Kind::Copy : Kind::Update;
+  std::vector<Chunk> chunks = plan(op, shadows, params, kind, Kind::Update);
+  if (weight != 0.0f) run(std::move(chunks), weight);
+}
+
 void kernel_update_cpu(at::TensorList shadows, at::TensorList params, double weight) {
   TORCH_CHECK(weight >= 0.0 && weight <= 1.0, "kernel_update_: weight must be in [0, 1], got ",
               weight);
-  run(plan("kernel_update_", shadows, params, Kind::Update), static_cast<float>(weight));
+  update_with("kernel_update_", shadows, params, static_cast<float>(weight));
 }
 
 // The weight is read here, when the op runs.  Its value is not range-checked: the
@@ -237,18 +251,17 @@ void kernel_update_graph_safe_cpu(at::TensorList shadows, at::TensorList params,
               "kernel_update_graph_safe_: weight must be a 1-element float32 tensor on the "
               "shadows' device (cpu), got a ", weight.scalar_type(), " tensor of ",
               weight.numel(), " elements on ", weight.device());
-  run(plan("kernel_update_graph_safe_", shadows, params, Kind::Update),
-      *weight.const_data_ptr<float>());
+  update_with("kernel_update_graph_safe_", shadows, params, *weight.const_data_ptr<float>());
 }
 
 void kernel_copy_cpu(at::TensorList dst, at::TensorList src, double scale) {
   TORCH_CHECK(scale >= 0.0 && std::isfinite(scale),
               "kernel_copy_: scale must be finite and >= 0, got ", scale);
-  run(plan("kernel_copy_", dst, src, Kind::Copy), static_cast<float>(scale));
+  run(plan("kernel_copy_", dst, src, Kind::Copy, Kind::Copy), static_cast<float>(scale));
 }
 
 void kernel_swap_cpu(at::TensorList a, at::TensorList b) {
-  run(plan("kernel_swap_", a, b, Kind::Swap), 0.0f);
+  run(plan("kernel_swap_", a, b, Kind::Swap, Kind::Swap), 0.0f);
 }
 
 }  // namespace

@@ -4,10 +4,16 @@
 // Tables live on the device and are cached per set of pairs: the key holds every
 // pair's two addresses, size and dtypes, so a tensor whose storage moved makes a new
 // key and a new table, and a table is only ever used with the addresses it was built
-// from.  A cache hit costs no host-to-device copy and no host sync; a miss copies the
-// table from pinned memory on the current stream (asynchronously).  A miss while a
-// CUDA graph is being captured is refused: the captured copy would not run until
-// replay, so the cached table would be empty for eager calls.
+// from.  A miss checks the pairs for overlaps (the key decides them, so a hit needs no
+// check), then copies the table from pinned memory on the current stream,
+// asynchronously, and records an event after the copy.  A hit copies nothing and never
+// syncs with the host; the first use on another stream makes that stream wait for the
+// event (on the device), so its kernel never reads a table still being copied.
+//
+// CUDA graphs keep the table's device address and replay without asking the cache, so
+// a table used while a graph is being captured is pinned: never evicted, its memory
+// never handed out again.  A miss during capture is refused: the captured copy would
+// not run until replay.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDACachingAllocator.h>
@@ -19,6 +25,7 @@
 
 #include <cmath>
 #include <list>
+#include <memory>
 #include <mutex>
 #include <vector>
 
@@ -28,32 +35,36 @@
 namespace ema_fused {
 namespace {
 
-template <Kind K>
-__global__ void __launch_bounds__(kThreads, 4)
-    tiles_kernel(const int64_t* __restrict__ table, int64_t n_rows, float scalar,
-                 const float* __restrict__ scalar_ptr) {
-  // graph-safe calls read the weight here, at run time, instead of at launch
-  const float s = scalar_ptr != nullptr ? *scalar_ptr : scalar;
-  run_tile<K>(table, n_rows, blockIdx.x, threadIdx.x, s);
+using Event = std::shared_ptr<CUevent_st>;
+
+Event new_event() {
+  cudaEvent_t raw = nullptr;
+  C10_CUDA_CHECK(cudaEventCreateWithFlags(&raw, cudaEventDisableTiming));
+  return Event(raw, [](cudaEvent_t e) { cudaEventDestroy(e); });
 }
 
 struct Table {
   std::vector<int64_t> key;
   at::Tensor words;  // on the device
   int64_t n_rows = 0, n_tiles = 0;
-  std::vector<c10::StreamId> streams;  // streams that used it (recorded with the allocator)
+  Event copied;  // recorded on the building stream after the copy of `words`
+  std::vector<c10::StreamId> streams;  // streams ordered after that copy
+  bool pinned = false;                 // used in a graph capture: never evicted
 };
 
 // Most recently used first; a handful of sets per process is typical (the shadows
-// of one model, plus a few copy-out targets).
+// of one model, plus a few copy-out targets).  Pinned tables do not count.
 constexpr size_t kCacheSize = 16;
 std::mutex cache_mutex;
 std::list<Table> cache;
 
-std::vector<int64_t> key_of(const std::vector<Pair>& pairs, const at::Device& device) {
+// The overlap check depends on whether the second list is written (a swap), so that
+// is part of the key too; the words themselves do not depend on the kind.
+std::vector<int64_t> key_of(const std::vector<Pair>& pairs, const at::Device& device, Kind kind) {
   std::vector<int64_t> key;
-  key.reserve(1 + 3 * pairs.size());
+  key.reserve(2 + 3 * pairs.size());
   key.push_back(device.index());
+  key.push_back(kind == Kind::Swap);
   for (const Pair& p : pairs) {
     key.push_back(static_cast<int64_t>(reinterpret_cast<uintptr_t>(p.a)));
     key.push_back(static_cast<int64_t>(reinterpret_cast<uintptr_t>(p.b)));
@@ -69,30 +80,52 @@ struct Launchable {
   int64_t n_rows, n_tiles;
 };
 
-// The table for exactly these pairs, built on a miss; usable on `stream` (the
-// allocator learns of every stream that reads it, so evicting it while a kernel on
-// another stream still reads it cannot hand its memory out early).
-Launchable table_for(const char* op, const std::vector<Pair>& pairs, const at::Device& device,
-                       const c10::cuda::CUDAStream& stream) {
-  std::vector<int64_t> key = key_of(pairs, device);
+void evict_beyond_capacity() {
+  size_t unpinned = 0;
+  for (const Table& t : cache) unpinned += !t.pinned;
+  for (auto it = cache.end(); unpinned > kCacheSize && it != cache.begin();) {
+    --it;
+    if (!it->pinned) {
+      it = cache.erase(it);
+      --unpinned;
+    }
+  }
+}
+
+// Make `stream` able to use `table`: wait (on the device) for the table's copy, and tell
+// the allocator, so that evicting the table while a kernel on `stream` still reads it
+// cannot hand its memory out early.
+void admit_stream(Table& table, const c10::cuda::CUDAStream& stream, bool capturing) {
+  for (c10::StreamId id : table.streams) {
+    if (id == stream.id()) return;
+  }
+  // during capture the wait becomes an external-event node of the graph
+  C10_CUDA_CHECK(cudaStreamWaitEvent(stream.stream(), table.copied.get(),
+                                     capturing ? cudaEventWaitExternal : cudaEventWaitDefault));
+  c10::cuda::CUDACachingAllocator::recordStream(table.words.storage().data_ptr(), stream);
+  table.streams.push_back(stream.id());
+}
+
+// The table for exactly these pairs, built on a miss, usable on `stream`.
+Launchable table_for(const char* op, const std::vector<Pair>& pairs, Kind kind,
+                     const at::Device& device, const c10::cuda::CUDAStream& stream) {
+  std::vector<int64_t> key = key_of(pairs, device, kind);
+  const bool capturing =
+      c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
   std::lock_guard<std::mutex> lock(cache_mutex);
   for (auto it = cache.begin(); it != cache.end(); ++it) {
     if (it->key == key) {
       cache.splice(cache.begin(), cache, it);
       Table& hit = cache.front();
-      bool seen = false;
-      for (c10::StreamId id : hit.streams) seen = seen || id == stream.id();
-      if (!seen) {
-        c10::cuda::CUDACachingAllocator::recordStream(hit.words.storage().data_ptr(), stream);
-        hit.streams.push_back(stream.id());
-      }
+      admit_stream(hit, stream, capturing);
+      hit.pinned = hit.pinned || capturing;
       return {hit.words, hit.n_rows, hit.n_tiles};
     }
   }
-  TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
-              op, ": the kernel table for these ", pairs.size(),
+  TORCH_CHECK(!capturing, op, ": the kernel table for these ", pairs.size(),
               " tensors is not built yet, and it cannot be built while a CUDA graph is being "
               "captured; run the same call once before capturing (a warm-up step)");
+  check_overlaps(op, pairs, kind);
   const std::vector<int64_t> words = table_words(pairs);
   at::Tensor host = at::empty({static_cast<int64_t>(words.size())},
                               at::TensorOptions().dtype(at::kLong).pinned_memory(true));
@@ -102,29 +135,34 @@ Launchable table_for(const char* op, const std::vector<Pair>& pairs, const at::D
   fresh.words = at::empty({static_cast<int64_t>(words.size())},
                           at::TensorOptions().dtype(at::kLong).device(device));
   fresh.words.copy_(host, /*non_blocking=*/true);  // the host block is kept until it is done
+  fresh.copied = new_event();
+  C10_CUDA_CHECK(cudaEventRecord(fresh.copied.get(), stream.stream()));
   fresh.n_rows = static_cast<int64_t>(pairs.size());
   fresh.n_tiles = static_cast<int64_t>(words.size()) - fresh.n_rows * kRow;
   fresh.streams.push_back(stream.id());
   cache.push_front(std::move(fresh));
-  if (cache.size() > kCacheSize) cache.pop_back();
   const Table& made = cache.front();
-  return {made.words, made.n_rows, made.n_tiles};
+  const Launchable out{made.words, made.n_rows, made.n_tiles};
+  evict_beyond_capacity();
+  return out;
 }
 
+// `kind` is what the kernel does; `names_kind` names the lists in messages (an update
+// with weight 1 runs the copy kernel).
 template <Kind K>
 void launch(const char* op, at::TensorList a, at::TensorList b, float scalar,
-            const float* scalar_ptr) {
+            const float* scalar_ptr, Kind names_kind = K) {
   TORCH_CHECK(a.size() == b.size(), op, ": the first list has ", a.size(),
               " tensors but the second has ", b.size());
   if (a.empty()) return;
   TORCH_CHECK(a[0].defined(), op, ": tensors[0] is undefined");
   const at::Device device = a[0].device();
   TORCH_CHECK(device.is_cuda(), op, ": tensors[0] is on ", device, "; this kernel runs on CUDA");
-  const std::vector<Pair> pairs = check_pairs(op, a, b, K, device);
+  const std::vector<Pair> pairs = check_pairs(op, a, b, names_kind, device);
   if (pairs.empty()) return;
   const c10::cuda::CUDAGuard guard(device);
   const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(device.index());
-  const Launchable table = table_for(op, pairs, device, stream);
+  const Launchable table = table_for(op, pairs, names_kind, device, stream);
   TORCH_CHECK(table.n_tiles < (int64_t(1) << 31), op, ": ", table.n_tiles,
               " tiles are more than one launch can take");
   tiles_kernel<K><<<static_cast<unsigned>(table.n_tiles), kThreads, 0, stream.stream()>>>(
@@ -133,9 +171,17 @@ void launch(const char* op, at::TensorList a, at::TensorList b, float scalar,
 }
 
 void kernel_update_cuda(at::TensorList shadows, at::TensorList params, double weight) {
-  TORCH_CHECK(weight >= 0.0 && weight <= 1.0, "kernel_update_: weight must be in [0, 1], got ",
-              weight);
-  launch<Kind::Update>("kernel_update_", shadows, params, static_cast<float>(weight), nullptr);
+  const char* op = "kernel_update_";
+  TORCH_CHECK(weight >= 0.0 && weight <= 1.0, op, ": weight must be in [0, 1], got ", weight);
+  if (weight == 0.0) {  // nothing changes; the inputs are still checked
+    if (!shadows.empty() && shadows[0].defined()) {
+      check_overlaps(op, check_pairs(op, shadows, params, Kind::Update, shadows[0].device()),
+                     Kind::Update);
+    }
+    return;
+  }
+  if (weight == 1.0) return launch<Kind::Copy>(op, shadows, params, 1.0f, nullptr, Kind::Update);
+  launch<Kind::Update>(op, shadows, params, static_cast<float>(weight), nullptr);
 }
 
 void kernel_update_graph_safe_cuda(at::TensorList shadows, at::TensorList params,

@@ -1,14 +1,15 @@
-// The multi-tensor tile engine of the CUDA kernels: table layout and the work of one
-// thread on one tile.  Written for both compilers: nvcc builds it into the kernels
-// (cuda_kernels.cu); the host compiler builds the same code for a CPU emulation that
-// the tests run on machines without a GPU (tests/cuda_emulation.cpp), so the table,
-// the tile decoding, the dtype dispatch and the vector path are checked everywhere.
+// The multi-tensor tile engine of the CUDA kernels: table layout, the kernel, and the
+// work of one thread on one tile.  Written for both compilers: nvcc builds it into the
+// kernels (cuda_kernels.cu); the host compiler builds the same code for a CPU emulation
+// that the tests run on machines without a GPU (tests/csrc/cuda_emulation.cpp), so the
+// table, the tile decoding, the dtype dispatch, the weight's exact ends and every
+// access path are checked everywhere.
 //
 // Napkin math (the bound): update, bf16 param + fp32 shadow = 2 + 4 + 4 = 10 bytes
 // per element; fp32 + fp32 = 12; copy-out reads the source and writes the
 // destination only (the destination is not read); swap reads and writes both.
-// At ~3.0 TB/s of H100 copy bandwidth a 1.1B-parameter bf16 model moves 11 GB, so
-// about 3.7 ms is the floor.
+// At ~4.3 TB/s of H200 copy bandwidth a 1.1B-parameter bf16 model moves 11 GB, so
+// about 2.6 ms is the floor.
 //
 // Why device tables (not PyTorch's/apex's by-value kernel arguments): those carry
 // at most 64 tensors / 320 blocks per launch at depth 2, so a 500-tensor model needs
@@ -28,52 +29,82 @@
 #define EMA_HD inline
 #endif
 
+// The emulation defines this to count what each thread did (kTrace* below); the
+// kernels compile it away.
+#ifndef EMA_FUSED_TRACE
+#define EMA_FUSED_TRACE(event) ((void)0)
+#endif
+
 namespace ema_fused {
 
 constexpr int kThreads = 256;  // threads per block; one block per tile
 constexpr int kVec = 4;        // elements per vector access (16 bytes of fp32)
 constexpr int kUnroll = 4;     // vector accesses in flight per thread and operand
-constexpr int64_t kTile = int64_t(kThreads) * kVec * kUnroll;  // 4096 elements
+constexpr int kPerThread = kVec * kUnroll;                 // 16 elements
+constexpr int64_t kTile = int64_t(kThreads) * kPerThread;  // 4096 elements
 constexpr int kRow = 4;        // int64 words per tensor row: a, b, numel, code
 
 enum class Kind { Update, Copy, Swap };
 
-// dtype codes in a row's code word: a + 3 * b, plus kAligned when both base
-// addresses allow vector accesses (tile starts are multiples of kTile elements, so
-// the base decides for every full tile).
-constexpr int kFloat = 0, kBFloat16 = 1, kHalf = 2, kAligned = 9;
+// What a thread did, for the emulation's counters: read a tile entry; ran a full tile
+// with vector accesses to both sides / vector `a` and scalar `b`; ran a partial tile
+// (guarded); ran one head element.
+enum Trace { kTraceTable = 0, kTraceFullVector, kTraceFullScalarB, kTraceGuarded, kTraceHead };
 
-// One pair as the table sees it.
+// A row's code word: bits 0-3 the dtype pair (a + 3 * b), bits 4-5 the head (elements
+// before `a`'s first vector-aligned one, run one per thread), bit 8 set when `b` is
+// vector-aligned after that head too (both sides start equally misaligned).
+constexpr int kFloat = 0, kBFloat16 = 1, kHalf = 2;
+constexpr int kHeadShift = 4, kVectorBBit = 8;
+
+// One pair as the table sees it.  Addresses are multiples of the element size
+// (pairs.h checks), so a head of at most kVec - 1 elements aligns `a`.
 struct Pair {
   void* a;
   const void* b;
   int64_t numel;
   int code_a, code_b;
   int size_a, size_b;  // bytes per element
+  int64_t index;       // position in the caller's lists, for messages
 };
 
-inline bool vector_aligned(const Pair& p) {
-  return reinterpret_cast<uintptr_t>(p.a) % (kVec * p.size_a) == 0 &&
-         reinterpret_cast<uintptr_t>(p.b) % (kVec * p.size_b) == 0;
+inline int64_t head_of(const Pair& p) {
+  const uintptr_t misplaced = reinterpret_cast<uintptr_t>(p.a) % (kVec * p.size_a) / p.size_a;
+  return misplaced == 0 ? 0 : kVec - static_cast<int64_t>(misplaced);
 }
 
-inline int64_t tiles_of(int64_t numel) { return (numel + kTile - 1) / kTile; }
+inline bool b_vector_after_head(const Pair& p) {
+  const uintptr_t first = reinterpret_cast<uintptr_t>(p.b) + head_of(p) * p.size_b;
+  return first % (kVec * p.size_b) == 0;
+}
+
+inline int64_t row_code(const Pair& p) {
+  return p.code_a + 3 * p.code_b + (head_of(p) << kHeadShift) +
+         (b_vector_after_head(p) ? int64_t(1) << kVectorBBit : 0);
+}
+
+// Tiles of a non-empty row: its elements after the head, kTile at a time; at least one
+// (the head rides on tile 0).
+inline int64_t tiles_of(const Pair& p) {
+  const int64_t rest = p.numel - head_of(p);
+  return rest <= 0 ? 1 : (rest + kTile - 1) / kTile;
+}
 
 // Table words for these pairs: n rows of kRow words, then one word per tile,
-// (row << 32) | tile.  Empty tensors get a row but no tile.
+// (row << 32) | tile.
 inline std::vector<int64_t> table_words(const std::vector<Pair>& pairs) {
   std::vector<int64_t> words;
   int64_t n_tiles = 0;
-  for (const Pair& p : pairs) n_tiles += tiles_of(p.numel);
+  for (const Pair& p : pairs) n_tiles += tiles_of(p);
   words.reserve(pairs.size() * kRow + n_tiles);
   for (const Pair& p : pairs) {
     words.push_back(static_cast<int64_t>(reinterpret_cast<uintptr_t>(p.a)));
     words.push_back(static_cast<int64_t>(reinterpret_cast<uintptr_t>(p.b)));
     words.push_back(p.numel);
-    words.push_back(p.code_a + 3 * p.code_b + (vector_aligned(p) ? kAligned : 0));
+    words.push_back(row_code(p));
   }
   for (size_t r = 0; r < pairs.size(); ++r) {
-    for (int64_t t = 0; t < tiles_of(pairs[r].numel); ++t) {
+    for (int64_t t = 0; t < tiles_of(pairs[r]); ++t) {
       words.push_back((static_cast<int64_t>(r) << 32) | t);
     }
   }
@@ -85,13 +116,16 @@ struct alignas(sizeof(T) * kVec) Vec {
   T v[kVec];
 };
 
-// One element: Update a += w * (b - a); Copy a = b * s; Swap a <-> b.  fp32 math,
+// One element: Update a += s * (b - a); Copy a = b * s; Swap a <-> b.  fp32 math,
 // rounded once into the destination's dtype (c10's conversions round to nearest even).
+// The update is the two-sided lerp of torch.lerp and the CPU kernels: for s >= 0.5 it
+// is b - (1 - s) * (b - a), where 1 - s is exact.  s = 0 and s = 1 never get here
+// (run_block skips the first and copies for the second, exactly).
 template <Kind K, typename A, typename B>
 EMA_HD void apply(A& a, B& b, float s) {
   if constexpr (K == Kind::Update) {
-    const float x = static_cast<float>(a);
-    a = static_cast<A>(x + s * (static_cast<float>(b) - x));
+    const float x = static_cast<float>(a), y = static_cast<float>(b);
+    a = static_cast<A>(s < 0.5f ? x + s * (y - x) : y - (1.0f - s) * (y - x));
   } else if constexpr (K == Kind::Copy) {
     a = static_cast<A>(static_cast<float>(b) * s);
   } else {
@@ -101,88 +135,165 @@ EMA_HD void apply(A& a, B& b, float s) {
   }
 }
 
-// Thread t's share of one tile of len elements starting at a and b.  Full aligned
-// tiles: kUnroll 16-byte (fp32) vector loads per operand issued before any math, so
-// each thread keeps several loads in flight; consecutive threads touch consecutive
-// vectors, so each warp access is coalesced.  Otherwise: a guarded scalar loop.
+template <Kind K>
+constexpr bool reads_a() { return K != Kind::Copy; }  // copy-out never reads its destination
+template <Kind K>
+constexpr bool writes_b() { return K == Kind::Swap; }
+
+// A full tile of kTile elements from a (vector-aligned) and b.  Each thread issues all
+// its loads before any math, kUnroll 16-byte (fp32) vector loads per operand, so several
+// are in flight; consecutive threads touch consecutive vectors, so each warp access is
+// coalesced.  A b that cannot be vector-aligned together with a (the two start at
+// different offsets) is read and written as the same kVec elements one by one: a is
+// 8 of the 10 bytes of a bf16 -> fp32 update, and the L1 serves b's repeated lines.
 template <Kind K, typename A, typename B>
-EMA_HD void tile_typed(A* a, B* b, int64_t len, bool vec, int t, float s) {
-  constexpr bool kReadA = K != Kind::Copy;  // copy-out never reads its destination
-  constexpr bool kWriteB = K == Kind::Swap;
-  if (vec && len == kTile) {
-    Vec<A> va[kUnroll];
-    Vec<B> vb[kUnroll];
+EMA_HD void full_tile(A* __restrict__ a, B* __restrict__ b, bool vector_b, int t, float s) {
+  EMA_FUSED_TRACE(vector_b ? kTraceFullVector : kTraceFullScalarB);
+  Vec<A> va[kUnroll];
+  Vec<B> vb[kUnroll];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t i = (int64_t(u) * kThreads + t) * kVec;
-      if (kReadA) va[u] = *reinterpret_cast<const Vec<A>*>(a + i);
+  for (int u = 0; u < kUnroll; ++u) {
+    const int64_t i = (int64_t(u) * kThreads + t) * kVec;
+    if (reads_a<K>()) va[u] = *reinterpret_cast<const Vec<A>*>(a + i);
+    if (vector_b) {
       vb[u] = *reinterpret_cast<const Vec<B>*>(b + i);
-    }
+    } else {
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-#pragma unroll
-      for (int k = 0; k < kVec; ++k) apply<K>(va[u].v[k], vb[u].v[k], s);
+      for (int k = 0; k < kVec; ++k) vb[u].v[k] = b[i + k];
     }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t i = (int64_t(u) * kThreads + t) * kVec;
-      *reinterpret_cast<Vec<A>*>(a + i) = va[u];
-      if (kWriteB) *reinterpret_cast<Vec<B>*>(b + i) = vb[u];
-    }
-    return;
   }
-  for (int64_t i = t; i < len; i += kThreads) {
-    A x;
-    if (kReadA) x = a[i];
-    B y = b[i];
-    apply<K>(x, y, s);
-    a[i] = x;
-    if (kWriteB) b[i] = y;
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) apply<K>(va[u].v[k], vb[u].v[k], s);
+  }
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    const int64_t i = (int64_t(u) * kThreads + t) * kVec;
+    *reinterpret_cast<Vec<A>*>(a + i) = va[u];
+    if (writes_b<K>()) {
+      if (vector_b) {
+        *reinterpret_cast<Vec<B>*>(b + i) = vb[u];
+      } else {
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) b[i + k] = vb[u].v[k];
+      }
+    }
   }
 }
 
+// The last, partial tile of a tensor (len < kTile): guarded scalar accesses, unrolled,
+// every load before any store; element j * kThreads + t, so each access is coalesced.
 template <Kind K, typename A, typename B>
-EMA_HD void tile_at(int64_t a, int64_t b, int64_t start, int64_t len, bool vec, int t, float s) {
-  A* pa = reinterpret_cast<A*>(a) + start;
-  B* pb = reinterpret_cast<B*>(b) + start;
+EMA_HD void partial_tile(A* __restrict__ a, B* __restrict__ b, int64_t len, int t, float s) {
+  EMA_FUSED_TRACE(kTraceGuarded);
+  A xa[kPerThread];
+  B xb[kPerThread];
+#pragma unroll
+  for (int j = 0; j < kPerThread; ++j) {
+    const int64_t i = int64_t(j) * kThreads + t;
+    if (i < len) {
+      if (reads_a<K>()) xa[j] = a[i];
+      xb[j] = b[i];
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < kPerThread; ++j) {
+    const int64_t i = int64_t(j) * kThreads + t;
+    if (i < len) {
+      apply<K>(xa[j], xb[j], s);
+      a[i] = xa[j];
+      if (writes_b<K>()) b[i] = xb[j];
+    }
+  }
+}
+
+// Thread t's share of tile `tile` of one row: on tile 0, threads below the head take
+// one head element each; then the tile's kTile elements after the head.
+template <Kind K, typename A, typename B>
+EMA_HD void row_tile(int64_t a_addr, int64_t b_addr, int64_t n, int64_t head, int64_t tile,
+                     bool vector_b, int t, float s) {
+  A* a = reinterpret_cast<A*>(a_addr);
+  B* b = reinterpret_cast<B*>(b_addr);
 #if defined(__CUDA_ARCH__)
   // Addresses read from the table are generic pointers to nvcc; saying they are global
   // lets it emit LDG/STG (vector and read-only forms) instead of generic LD/ST.
-  __builtin_assume(__isGlobal(pa) && __isGlobal(pb));
+  __builtin_assume(__isGlobal(a) && __isGlobal(b));
 #endif
-  tile_typed<K>(pa, pb, len, vec, t, s);
+  if (tile == 0 && t < head && t < n) {
+    EMA_FUSED_TRACE(kTraceHead);
+    A x{};
+    if (reads_a<K>()) x = a[t];
+    B y = b[t];
+    apply<K>(x, y, s);
+    a[t] = x;
+    if (writes_b<K>()) b[t] = y;
+  }
+  const int64_t start = head + tile * kTile;
+  const int64_t len = n - start < kTile ? n - start : kTile;
+  if (len == kTile) {
+    full_tile<K>(a + start, b + start, vector_b, t, s);
+  } else if (len > 0) {
+    partial_tile<K>(a + start, b + start, len, t, s);
+  }
 }
 
 // Thread t's share of tile entry e of a table with n_rows rows.
 template <Kind K>
 EMA_HD void run_tile(const int64_t* table, int64_t n_rows, int64_t e, int t, float s) {
+  EMA_FUSED_TRACE(kTraceTable);
   const int64_t entry = table[n_rows * kRow + e];
   const int64_t* row = table + (entry >> 32) * kRow;
-  const int64_t start = (entry & 0xffffffffLL) * kTile;
-  const int64_t rest = row[2] - start;
-  const int64_t len = rest < kTile ? rest : kTile;
-  const int code = static_cast<int>(row[3]);
-  const bool vec = code >= kAligned;
+  const int64_t tile = entry & 0xffffffffLL;
+  const int64_t code = row[3];
+  const int64_t head = (code >> kHeadShift) & 3;
+  const bool vb = (code >> kVectorBBit) & 1;
+  const int64_t a = row[0], b = row[1], n = row[2];
   using f32 = float;
   using bf16 = c10::BFloat16;
   using f16 = c10::Half;
   if constexpr (K == Kind::Swap) {  // equal dtypes only (codes 0, 4, 8): move raw bits
-    if (code % kAligned == 0) return tile_at<K, uint32_t, uint32_t>(row[0], row[1], start, len, vec, t, s);
-    return tile_at<K, uint16_t, uint16_t>(row[0], row[1], start, len, vec, t, s);
+    if ((code & 15) == 0) return row_tile<K, uint32_t, uint32_t>(a, b, n, head, tile, vb, t, s);
+    return row_tile<K, uint16_t, uint16_t>(a, b, n, head, tile, vb, t, s);
   } else {
-    switch (code % kAligned) {
-      case 0: return tile_at<K, f32, f32>(row[0], row[1], start, len, vec, t, s);
-      case 1: return tile_at<K, bf16, f32>(row[0], row[1], start, len, vec, t, s);
-      case 2: return tile_at<K, f16, f32>(row[0], row[1], start, len, vec, t, s);
-      case 3: return tile_at<K, f32, bf16>(row[0], row[1], start, len, vec, t, s);
-      case 4: return tile_at<K, bf16, bf16>(row[0], row[1], start, len, vec, t, s);
-      case 5: return tile_at<K, f16, bf16>(row[0], row[1], start, len, vec, t, s);
-      case 6: return tile_at<K, f32, f16>(row[0], row[1], start, len, vec, t, s);
-      case 7: return tile_at<K, bf16, f16>(row[0], row[1], start, len, vec, t, s);
-      case 8: return tile_at<K, f16, f16>(row[0], row[1], start, len, vec, t, s);
+    switch (code & 15) {
+      case 0: return row_tile<K, f32, f32>(a, b, n, head, tile, vb, t, s);
+      case 1: return row_tile<K, bf16, f32>(a, b, n, head, tile, vb, t, s);
+      case 2: return row_tile<K, f16, f32>(a, b, n, head, tile, vb, t, s);
+      case 3: return row_tile<K, f32, bf16>(a, b, n, head, tile, vb, t, s);
+      case 4: return row_tile<K, bf16, bf16>(a, b, n, head, tile, vb, t, s);
+      case 5: return row_tile<K, f16, bf16>(a, b, n, head, tile, vb, t, s);
+      case 6: return row_tile<K, f32, f16>(a, b, n, head, tile, vb, t, s);
+      case 7: return row_tile<K, bf16, f16>(a, b, n, head, tile, vb, t, s);
+      case 8: return row_tile<K, f16, f16>(a, b, n, head, tile, vb, t, s);
       default: return;
     }
   }
 }
+
+// What one block does.  The scalar comes from `scalar_ptr` when it is set (graph-safe
+// calls read the weight at run time, not at launch).  An update with weight 0 changes
+// nothing, so it returns before touching the table or any tensor (an Inf param must not
+// turn its shadow into NaN, and a step skipped by update_every must not stream the
+// model); weight 1 is a copy, which is exact and never reads the shadow.
+template <Kind K>
+EMA_HD void run_block(const int64_t* table, int64_t n_rows, int64_t e, int t, float scalar,
+                      const float* scalar_ptr) {
+  const float s = scalar_ptr != nullptr ? *scalar_ptr : scalar;
+  if constexpr (K == Kind::Update) {
+    if (s == 0.0f) return;
+    if (s == 1.0f) return run_tile<Kind::Copy>(table, n_rows, e, t, 1.0f);
+  }
+  run_tile<K>(table, n_rows, e, t, s);
+}
+
+#if defined(__CUDACC__)
+template <Kind K>
+__global__ void __launch_bounds__(kThreads, 4)
+    tiles_kernel(const int64_t* __restrict__ table, int64_t n_rows, float scalar,
+                 const float* __restrict__ scalar_ptr) {
+  run_block<K>(table, n_rows, blockIdx.x, threadIdx.x, scalar, scalar_ptr);
+}
+#endif
 
 }  // namespace ema_fused

@@ -7,6 +7,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "multi_tensor.h"
@@ -22,6 +23,20 @@ inline int dtype_code(at::ScalarType t) {
   }
 }
 
+// The two lists' names in messages, as the kernel ops' schemas call them.
+struct ListNames {
+  const char* first;
+  const char* second;
+};
+
+inline ListNames names_of(Kind kind) {
+  switch (kind) {
+    case Kind::Update: return {"shadows", "params"};
+    case Kind::Copy: return {"dst", "src"};
+    default: return {"a", "b"};
+  }
+}
+
 // Whether the tensor's elements lie inside its storage (a storage resized to 0 keeps
 // the tensor's sizes but not its memory).
 inline bool fits_storage(const at::Tensor& t) {
@@ -30,11 +45,17 @@ inline bool fits_storage(const at::Tensor& t) {
              static_cast<int64_t>(t.storage().nbytes());
 }
 
+inline bool element_aligned(const at::Tensor& t) {
+  return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % t.element_size() == 0;
+}
+
 // All pairs must be on `device` (for CUDA: the first tensor's device), of equal
-// shapes, contiguous, float32/bfloat16/float16 (equal dtypes for a swap), and the two
-// sides of a pair must not partially overlap (the same tensor on both sides is fine).
-// The second list is only read, except by a swap: const_data_ptr leaves a
-// copy-on-write tensor unmaterialised.
+// shapes, contiguous, float32/bfloat16/float16 (equal dtypes for a swap), at addresses
+// that are multiples of their element size, and the two sides of a pair must not
+// partially overlap (the same tensor on both sides is fine).  Empty pairs, and pairs
+// whose two sides are one tensor under an update or a swap (nothing changes), are left
+// out of the result.  The second list is only read, except by a swap: const_data_ptr
+// leaves a copy-on-write tensor unmaterialised.
 inline std::vector<Pair> check_pairs(const char* op, at::TensorList a, at::TensorList b, Kind kind,
                                      const at::Device& device) {
   TORCH_CHECK(a.size() == b.size(), op, ": the first list has ", a.size(),
@@ -61,13 +82,58 @@ inline std::vector<Pair> check_pairs(const char* op, at::TensorList a, at::Tenso
     if (x.numel() == 0) continue;  // nothing to do, and no table row needed
     TORCH_CHECK(fits_storage(x) && fits_storage(y), op, ": tensors[", i,
                 "] reach past the end of their storage (freed or resized, e.g. by FSDP?)");
-    TORCH_CHECK(at::get_overlap_status(x, y) != at::MemOverlapStatus::Partial, op, ": tensors[",
-                i, "] partially overlap");
+    TORCH_CHECK(element_aligned(x) && element_aligned(y), op, ": tensors[", i,
+                "] start at addresses that are not multiples of their element sizes");
+    TORCH_CHECK_VALUE(at::get_overlap_status(x, y) != at::MemOverlapStatus::Partial, op,
+                      ": tensors[", i, "] partially overlap");
     const void* yp = kind == Kind::Swap ? y.data_ptr() : y.const_data_ptr();
-    pairs.push_back({x.data_ptr(), yp, x.numel(), ca, cb,
-                     static_cast<int>(x.element_size()), static_cast<int>(y.element_size())});
+    if (kind != Kind::Copy && x.const_data_ptr() == yp && ca == cb) continue;
+    pairs.push_back({x.data_ptr(), yp, x.numel(), ca, cb, static_cast<int>(x.element_size()),
+                     static_cast<int>(y.element_size()), static_cast<int64_t>(i)});
   }
   return pairs;
+}
+
+// One launch writes every pair at once, so a call whose pairs share memory would race:
+// refuse a destination that overlaps another pair's destination, or another pair's
+// source (the same tensor twice, views of one flat buffer).  Within one pair,
+// check_pairs has already allowed only the very same tensor on both sides.  The
+// intervals are sorted once, so this costs O(n log n) for n pairs and nothing per element.
+inline void check_overlaps(const char* op, const std::vector<Pair>& pairs, Kind kind) {
+  struct Span {
+    uintptr_t lo, hi;
+    int64_t index;
+    bool second, written;
+  };
+  const ListNames names = names_of(kind);
+  std::vector<Span> spans;
+  spans.reserve(2 * pairs.size());
+  for (const Pair& p : pairs) {
+    const auto a = reinterpret_cast<uintptr_t>(p.a), b = reinterpret_cast<uintptr_t>(p.b);
+    spans.push_back({a, a + static_cast<uintptr_t>(p.numel * p.size_a), p.index, false, true});
+    spans.push_back({b, b + static_cast<uintptr_t>(p.numel * p.size_b), p.index, true,
+                     kind == Kind::Swap});
+  }
+  std::sort(spans.begin(), spans.end(), [](const Span& x, const Span& y) { return x.lo < y.lo; });
+  std::vector<const Span*> open;  // spans that reach past the current start
+  for (const Span& s : spans) {
+    open.erase(std::remove_if(open.begin(), open.end(),
+                              [&](const Span* o) { return o->hi <= s.lo; }),
+               open.end());
+    for (const Span* o : open) {
+      if (o->index == s.index || !(o->written || s.written)) continue;
+      const Span* x = o->index < s.index ? o : &s;  // name the lower index first
+      const Span* y = x == o ? &s : o;
+      const char* xn = x->second ? names.second : names.first;
+      const char* yn = y->second ? names.second : names.first;
+      TORCH_CHECK_VALUE(false, op, ": ", xn, "[", x->index, "] and ", yn, "[", y->index,
+                  "] overlap in memory, and ", x->written && y->written ? "both are written"
+                                                                        : "one is written",
+                  "; one call updates every pair at once, so they would race (pass each "
+                  "destination once, in memory of its own)");
+    }
+    open.push_back(&s);
+  }
 }
 
 }  // namespace ema_fused

@@ -80,3 +80,83 @@ def check_writable(op: str, name: str, ts: Sequence[torch.Tensor]) -> None:
         if t.numel() > 1 and torch._debug_has_internal_overlap(t) == 1:
             raise ValueError(f"{op}: {name}[{i}] ({_describe(t)}) has elements that share "
                              "memory (an expanded view); it cannot be written in place")
+
+
+#: op name, list names and whether the second list is written, per kind of op
+OVERLAP_NAMES = {"update": ("ema_update_", "shadows", "params", False),
+                 "copy": ("ema_copy_", "dst", "src", False),
+                 "swap": ("ema_swap_", "a", "b", True)}
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """[first byte, past the last byte] of the memory ``t``'s elements lie in."""
+    lo = t.data_ptr()
+    if t.is_contiguous():
+        return lo, lo + t.numel() * t.element_size()
+    extent = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+    return lo, lo + extent * t.element_size()
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Whether ``t``'s elements fill its span exactly (then spans overlap iff memory does)."""
+    return t.is_contiguous() or torch._debug_has_internal_overlap(t) == 0
+
+
+def _share_memory(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Exact test for strided views whose spans overlap (e.g. interleaved columns of one
+    matrix, which do not share an element): mark x's bytes, look at y's.  Costs one
+    pass over the joint span (and a sync on a GPU); only reached for non-dense views."""
+    (xl, xh), (yl, yh) = _span(x), _span(y)
+    lo = min(xl, yl)
+    marks = torch.zeros(max(xh, yh) - lo, dtype=torch.uint8, device=x.device)
+
+    def bytes_of(t: torch.Tensor) -> torch.Tensor:
+        size = t.element_size()
+        return marks.as_strided(tuple(t.shape) + (size,),
+                                tuple(s * size for s in t.stride()) + (1,), t.data_ptr() - lo)
+
+    bytes_of(x).fill_(1)
+    return bool(bytes_of(y).any())
+
+
+def _same_elements(x: torch.Tensor, y: torch.Tensor) -> bool:
+    return (x.data_ptr() == y.data_ptr() and x.dtype == y.dtype and x.shape == y.shape
+            and x.stride() == y.stride())
+
+
+def check_no_overlap(kind: str, a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> None:
+    """Refuse pairs that share memory, before anything is written: a destination given
+    twice, destinations that overlap (views of one flat buffer), a destination that
+    another pair reads, or the two sides of one pair partially overlapping.  The very
+    same tensor on both sides of one pair (an in-place op) is fine.  Intervals are
+    sorted once: O(n log n) for n pairs, nothing per element for dense tensors.
+
+    ``kind``: ``"update"``, ``"copy"`` or ``"swap"`` (which writes both lists).
+    """
+    op, a_name, b_name, b_written = OVERLAP_NAMES[kind]
+    spans = []
+    for second, ts in ((False, a), (True, b)):
+        for i, t in enumerate(ts):
+            if t.numel():
+                lo, hi = _span(t)
+                spans.append(((t.device.type, t.device.index or 0), lo, hi, i, second, t))
+    spans.sort(key=lambda s: (s[0], s[1]))
+    open_: list = []
+    for s in spans:
+        open_ = [o for o in open_ if o[0] == s[0] and o[2] > s[1]]
+        for o in open_:
+            x, y = (o, s) if (o[3], o[4]) < (s[3], s[4]) else (s, o)
+            written = [not x[4] or b_written, not y[4] or b_written]
+            if not any(written) or (x[3] == y[3] and _same_elements(x[5], y[5])):
+                continue
+            if not (_dense(x[5]) and _dense(y[5])) and not _share_memory(x[5], y[5]):
+                continue
+            xn, yn = (b_name if x[4] else a_name), (b_name if y[4] else a_name)
+            if x[3] == y[3]:
+                raise ValueError(f"{op}: {xn}[{x[3]}] and {yn}[{y[3]}] partially overlap")
+            raise ValueError(
+                f"{op}: {xn}[{x[3]}] and {yn}[{y[3]}] overlap in memory, and "
+                f"{'both are' if all(written) else 'one is'} written; one call updates every "
+                "pair at once, so they would race (pass each destination once, in memory of "
+                "its own)")
+        open_.append(s)

@@ -35,11 +35,17 @@ def group_by_device(a: Tensors, b: Tensors) -> dict[torch.device, tuple[list, li
 def dispatch(kind: str, a: Tensors, b: Tensors, scalar: float, backend: str) -> None:
     """Pick a backend per device (all before writing), then run ``kind`` on each group.
 
-    No input checks: for callers that already hold checked inputs (``EMA`` makes its
-    shadows itself and checks each model tensor's shape and dtype as it reads it).
+    No input checks beyond the backends' own (each refuses pairs that share memory
+    before writing): for callers that already hold checked inputs (``EMA`` makes its
+    shadows itself and checks each model tensor's shape and dtype as it reads it).  With
+    several devices the overlap check runs here first for all of them, so that a
+    refusal on the second device cannot follow writes on the first.
     """
     groups = group_by_device(a, b)
     chosen = [(_backend.select(backend, dev), ga, gb) for dev, (ga, gb) in groups.items()]
+    if len(chosen) > 1:
+        for _, ga, gb in chosen:
+            _validate.check_no_overlap(kind, ga, gb)
     with torch.no_grad():  # params that require grad must not make the shadows part of a graph
         for impl, ga, gb in chosen:
             if kind == "swap":

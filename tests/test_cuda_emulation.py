@@ -42,6 +42,27 @@ def run(tmp_path_factory):
 
 
 
+def expected_trace(shadows, params) -> list[int]:
+    """The per-thread path counts the kernels' layout gives (multi_tensor.h): a head of
+    up to 3 elements aligns the first tensor; full tiles use vector accesses for it, and
+    for the second tensor only when both start equally misaligned; a partial tile is
+    guarded.  [tile entries read, full vector, full scalar-b, guarded, head elements]."""
+    out = [0] * 5
+    for a, b in zip(shadows, params):
+        n = a.numel()
+        if n == 0 or (a.data_ptr() == b.data_ptr() and a.dtype == b.dtype):
+            continue  # no row: empty, or one tensor on both sides
+        head = (-(a.data_ptr() // a.element_size())) % 4
+        vector_b = (b.data_ptr() + head * b.element_size()) % (4 * b.element_size()) == 0
+        rest = n - head
+        full, partial = (rest // TILE, int(rest % TILE != 0)) if rest > 0 else (0, 0)
+        out[0] += max(1, full + partial) * 256
+        out[1 if vector_b else 2] += full * 256
+        out[3] += partial * 256
+        out[4] += min(head, n)
+    return out
+
+
 @pytest.mark.parametrize("sd,pd", PAIRS, ids=IDS)
 def test_update_every_pair(run, sd, pd):
     gen = seeded("u", sd, pd)
@@ -49,10 +70,54 @@ def test_update_every_pair(run, sd, pd):
     params = [rand(n, pd, gen) for n in SIZES]
     exact = [lerp_reference(s, p, 0.3) for s, p in zip(shadows, params)]
     mags = [s.double().abs() + p.double().abs() for s, p in zip(shadows, params)]
-    vector_tiles = run(shadows, params, "update", 0.3)
-    assert vector_tiles >= 1 + 1 + 3 + 67  # the aligned full tiles took the vector path
+    expected = expected_trace(shadows, params)
+    assert run(shadows, params, "update", 0.3) == expected
+    assert expected[1] >= (1 + 1 + 3 + 67) * 256  # the aligned full tiles took the vector path
     for s, e, m in zip(shadows, exact, mags):
         assert_rounded_close(s, e, m, compute_dtype(sd, pd))
+
+
+@pytest.mark.parametrize("weight", [0.7, 0.5, 1 - 2 ** -24])
+def test_update_upper_half_of_the_weight_against_float64(run, weight):
+    """w >= 0.5 takes the other side of the two-sided lerp, b - (1 - w) * (b - a)."""
+    gen = seeded("upper", weight)
+    shadows = [rand(n, torch.float32, gen) for n in SIZES]
+    params = [rand(n, torch.bfloat16, gen) for n in SIZES]
+    exact = [lerp_reference(s, p, weight) for s, p in zip(shadows, params)]
+    mags = [s.double().abs() + p.double().abs() for s, p in zip(shadows, params)]
+    run(shadows, params, "update", weight)
+    for s, e, m in zip(shadows, exact, mags):
+        assert_rounded_close(s, e, m, torch.float32)
+
+
+@pytest.mark.parametrize("from_ptr", [False, True], ids=["scalar", "pointer"])
+@pytest.mark.parametrize("sd,pd", PAIRS, ids=IDS)
+def test_weight_one_copies_the_params_exactly(run, sd, pd, from_ptr):
+    """w = 1 is a copy, whatever the shadow held (x + w*(b - x) would give 0 for shadow
+    1e8 and param 1 in fp32, and keep an Inf or NaN shadow NaN)."""
+    gen = seeded("one", sd, pd)
+    n = 2 * TILE + 3
+    params = [rand(n, pd, gen), rand(n + 1, pd, gen)[1:]]
+    shadows = [torch.full((n,), 1e4 if sd == torch.float16 else 1e8, dtype=sd),
+               torch.full((n,), float("inf"), dtype=sd)]
+    shadows[1][::2] = float("nan")
+    params[0][:5] = 1.0
+    run(shadows, params, "update", 1.0, from_ptr)
+    for s, p in zip(shadows, params):
+        assert torch.equal(s, p.to(sd))  # exact: one rounding of the param into the shadow
+
+
+@pytest.mark.parametrize("from_ptr", [False, True], ids=["scalar", "pointer"])
+def test_weight_zero_reads_nothing_and_changes_nothing(run, from_ptr):
+    """w = 0 returns before the tile table is read: no element is loaded or stored, so an
+    Inf param cannot make its shadow NaN (inf * 0)."""
+    gen = seeded("zero")
+    shadows = [rand(n, torch.float32, gen) for n in SIZES]
+    params = [torch.full((n,), float("inf"), dtype=torch.bfloat16) for n in SIZES]
+    before = [s.clone() for s in shadows]
+    assert run(shadows, params, "update", 0.0, from_ptr) == [0, 0, 0, 0, 0]
+    assert all(torch.equal(s, b) for s, b in zip(shadows, before))
+    assert run(shadows, params, "update", 0.25, from_ptr)[0] > 0  # the counter does count
 
 
 @pytest.mark.parametrize("dd,sd", PAIRS, ids=IDS)
@@ -92,22 +157,44 @@ def test_many_tensors_mixed_dtypes(run, count):
 
 @pytest.mark.parametrize("sd,pd", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32),
                                    (torch.float16, torch.float16)], ids=str)
-def test_misaligned_views_take_the_guarded_path(run, sd, pd):
-    gen = seeded("m", sd, pd)
-    n = 2 * TILE + 3
-    shadows = [rand(n + 1, sd, gen)[1:], rand(n, sd, gen)]
-    params = [rand(n, pd, gen), rand(n + 3, pd, gen)[3:]]
+@pytest.mark.parametrize("offset_a,offset_b", [(1, 0), (0, 3), (2, 2), (3, 1), (1, 1)])
+def test_misaligned_views_keep_the_vector_path_after_a_short_head(run, sd, pd, offset_a, offset_b):
+    """A view that starts off the 16-byte grid runs at most 3 head elements one per
+    thread; its full tiles still take vector accesses for the shadow side, and for the
+    param side too when both start equally misaligned."""
+    gen = seeded("m", sd, pd, offset_a, offset_b)
+    n = 3 * TILE + 5
+    shadows = [rand(n + offset_a, sd, gen)[offset_a:], rand(7, sd, gen)[1:3]]
+    params = [rand(n + offset_b, pd, gen)[offset_b:], rand(9, pd, gen)[offset_b:offset_b + 2]]
     before = [s.clone() for s in shadows]
-    exact = [lerp_reference(s, p, 0.5) for s, p in zip(shadows, params)]
-    assert run(shadows, params, "update", 0.5) == 0  # no pair is vector-aligned
+    exact = [lerp_reference(s, p, 0.3) for s, p in zip(shadows, params)]
+    trace = run(shadows, params, "update", 0.3)
+    assert trace == expected_trace(shadows, params)
+    full = (n - (-offset_a) % 4) // TILE
+    assert trace[1 if offset_a == offset_b else 2] == full * 256  # the full tiles, not scalar loops
     for s, e, b, p in zip(shadows, exact, before, params):
         assert_rounded_close(s, e, b.double().abs() + p.double().abs(), compute_dtype(sd, pd))
+
+
+def test_swap_moves_raw_bits(run):
+    """NaN payloads, signed zeros and infinities come back bit for bit (raw 16/32-bit words)."""
+    for dtype, bits in ((torch.bfloat16, torch.int16), (torch.float16, torch.int16),
+                        (torch.float32, torch.int32)):
+        special = torch.tensor([0x7FC1, -1, 0x7F81 if dtype == torch.bfloat16 else 0x7C01,
+                                -32768, 0x7F80, 0], dtype=torch.int32)
+        raw_a = special.repeat(TILE // 2 + 7).to(bits)
+        raw_b = torch.arange(raw_a.numel(), dtype=torch.int32).to(bits)
+        if dtype == torch.float32:
+            raw_a = raw_a | (raw_a << 16)  # wider payloads
+        a, b = raw_a.clone().view(dtype), raw_b.clone().view(dtype)
+        run([a[1:]], [b[1:]], "swap", 0.0)
+        assert torch.equal(a[1:].view(bits), raw_b[1:]) and torch.equal(b[1:].view(bits), raw_a[1:])
 
 
 def test_checks_name_the_index_and_write_nothing(run):
     buf = torch.zeros(2 * TILE)
     first = torch.zeros(TILE)
-    with pytest.raises(RuntimeError, match=r"tensors\[1\] partially overlap"):
+    with pytest.raises(ValueError, match=r"tensors\[1\] partially overlap"):
         run([first, buf[:TILE]], [torch.ones(TILE), buf[8:TILE + 8]], "update", 0.5)
     assert not first.any() and not buf.any()
     shadows = [torch.zeros(TILE), torch.zeros(3)]
@@ -121,3 +208,24 @@ def test_checks_name_the_index_and_write_nothing(run):
         run([torch.zeros(4, 4).t()], [torch.ones(4, 4)], "update", 0.5)
     with pytest.raises(RuntimeError, match=r"tensors\[0\] have dtypes Double and Float"):
         run([torch.zeros(2, dtype=torch.float64)], [torch.ones(2)], "update", 0.5)
+
+
+def test_pairs_that_share_memory_are_refused_before_anything_is_written(run):
+    """One launch writes every pair at once: a destination given twice, destinations that
+    overlap, or a destination that another pair reads would race."""
+    buf = torch.zeros(3 * TILE)
+    other = torch.zeros(TILE)
+    src = [torch.ones(TILE), torch.ones(TILE)]
+    with pytest.raises(ValueError, match=r"shadows\[0\] and shadows\[2\] overlap in memory"):
+        run([buf[:TILE], other, buf[:TILE]], src + [torch.ones(TILE)], "update", 0.5)
+    with pytest.raises(ValueError, match=r"shadows\[0\] and shadows\[1\] overlap.*both are written"):
+        run([buf[:TILE], buf[TILE - 1:2 * TILE - 1]], src, "update", 0.5)
+    with pytest.raises(ValueError, match=r"shadows\[0\] and params\[1\] overlap.*one is written"):
+        run([buf[:TILE], other], [torch.ones(TILE), buf[5:TILE + 5]], "update", 0.5)
+    with pytest.raises(ValueError, match=r"a\[0\] and b\[1\] overlap"):  # a swap writes both lists
+        run([buf[:TILE], other], [torch.ones(TILE), buf[3:TILE + 3]], "swap", 0.0)
+    assert not buf.any() and not other.any()
+    # adjacent views of one buffer do not overlap; a param read by two pairs is fine
+    shared = torch.ones(TILE)
+    run([buf[:TILE], buf[TILE:2 * TILE]], [shared, shared], "update", 0.5)
+    assert bool((buf[:2 * TILE] == 0.5).all()) and not buf[2 * TILE:].any()

@@ -155,7 +155,7 @@ def test_pairset_errors_come_from_the_op_checks(C):
     buf = torch.zeros(100)
     first = torch.zeros(8)
     held = C.PairSet([first, buf[:60]], [torch.ones(8), buf[10:70]])
-    with pytest.raises(RuntimeError, match=r"kernel_update_: tensors\[1\] partially overlap"):
+    with pytest.raises(ValueError, match=r"kernel_update_: tensors\[1\] partially overlap"):
         held.update_(0.5)
     assert not first.any() and not buf.any()
     with pytest.raises(RuntimeError, match="weight must be in"):

@@ -54,8 +54,8 @@ def test_many_tensors_one_launch(count, monkeypatch):
     shadows = [rand(n, sd, gen) for n, (sd, _) in zip(sizes, dts)]
     params = [rand(n, pd, gen) for n, (_, pd) in zip(sizes, dts)]
     launches = []
-    real = launch._launch
-    monkeypatch.setattr(launch, "_launch", lambda k, *a, **kw: (launches.append(k), real(k, *a, **kw)))
+    real = launch.run
+    monkeypatch.setattr(launch, "run", lambda k, *a, **kw: (launches.append(k), real(k, *a, **kw)))
     _check_update(shadows, params, 0.125)
     assert launches == [launch.update_kernel]  # every dtype mix in one launch
 
@@ -142,28 +142,39 @@ def test_ema_end_to_end_matches_the_foreach_backend():
 
 
 _PTX_SCRIPT = r"""
-import collections, json, sys
+import collections, json, re
 import triton
 from triton.backends.compiler import GPUTarget
 from ema_fused.triton_kernels import ema_kernels as k, launch
+TYPES = {"f32": "*fp32", "bf16": "*bf16", "f16": "*fp16", "i32": "*i32", "i16": "*i16"}
 out = {}
-for name, kernel, extra, arg in [("update", k.update_kernel, "WEIGHT_FROM_PTR", "weight"),
-                                 ("copy", k.copy_kernel, "SCALE_FROM_PTR", "scale"),
-                                 ("swap", k.swap_kernel, None, None)]:
-    sig = {"tensors": "*i64", "tiles": "*i64", "f32": "*fp32", "bf16": "*bf16", "f16": "*fp16"}
-    cex = {"BLOCK": launch.BLOCK}
-    if extra:
-        sig.update({arg: "fp32", arg + "_ptr": "*fp32", extra: "constexpr"})
-        cex[extra] = False
-    sig["BLOCK"] = "constexpr"
-    ptrs = [i for i, v in enumerate(sig.values()) if v.startswith("*")]
-    src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=cex,
-                                    attrs={(i,): [["tt.divisibility", 16]] for i in ptrs})
-    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                         options={"num_warps": launch.NUM_WARPS}).asm["ptx"]
-    ops = [l.split()[1] if l.strip().startswith("@") else l.split()[0]
-           for l in ptx.splitlines() if "ld.global" in l or "st.global" in l]
-    out[name] = collections.Counter(ops)
+for name, kernel, flag, arg, views in [
+        ("update", k.update_kernel, "WEIGHT_FROM_PTR", "weight", ("f32", "bf16", "f16")),
+        ("copy", k.copy_kernel, "SCALE_FROM_PTR", "scale", ("f32", "bf16", "f16")),
+        ("swap", k.swap_kernel, None, None, ("i32", "i16"))]:
+    for from_ptr in ((False, True) if flag else (None,)):
+        sig = {"tensors": "*i64", "tiles": "*i64", **{v: TYPES[v] for v in views}}
+        cex = {"BLOCK": launch.BLOCK}
+        if flag:
+            sig.update({arg: "fp32", arg + "_ptr": "*fp32", flag: "constexpr"})
+            cex[flag] = from_ptr
+        sig["BLOCK"] = "constexpr"
+        ptrs = [i for i, v in enumerate(sig.values()) if v.startswith("*")]
+        src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=cex,
+                                        attrs={(i,): [["tt.divisibility", 16]] for i in ptrs})
+        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                             options={"num_warps": launch.NUM_WARPS}).asm["ptx"]
+        lines = [l.strip() for l in ptx.splitlines()]
+        ops = [l.split()[1] if l.startswith("@") else l.split()[0]
+               for l in lines if "ld.global" in l or "st.global" in l]
+        # what happens before the second global load: the early exit on a zero weight
+        loads = [i for i, l in enumerate(lines) if "ld.global" in l]
+        head = lines[loads[0]:loads[1]] if len(loads) > 1 else []
+        out[name + ("-ptr" if from_ptr else "")] = {
+            "ops": collections.Counter(ops),
+            "exit_on_zero_before_table": any("setp.eq.f32" in l and "0f00000000" in l for l in head)
+                                         and any(re.match(r"@%p\d+ bra", l) for l in head),
+            "first_load": ops[0]}
 print(json.dumps(out))
 """
 
@@ -179,13 +190,37 @@ def ptx_counts():
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("name", ["update", "copy", "swap"])
-def test_full_tiles_compile_to_vector_accesses_for_sm90(name, ptx_counts):
-    """The aligned full-tile path must use 16-byte vector loads and stores; the masked
-    tail path stays scalar.  Triton drops alignment facts easily (see ema_kernels.py)."""
-    ops = ptx_counts[name]
-    assert any(op.startswith("ld.global.v4") for op in ops), ops
-    assert any(op.startswith("st.global.v4") for op in ops), ops
+# Global accesses per thread in each kernel's PTX (BLOCK = 2048, 4 warps: 16 elements a
+# thread).  The aligned full-tile path: 16-byte vectors, per operand 4 for fp32 and 2 for
+# each 16-bit dtype (8 per operand over its three dtype branches; a swap has two raw
+# branches, 6).  The masked path: 16 scalar accesses per operand and dtype branch.  A
+# vector count that drops means a branch lost its alignment facts (Triton drops them
+# easily, see ema_kernels.py); the "+1" b32 load is the weight or scale read from a pointer.
+PTX_COUNTS = {
+    "update": {"ld.global.v4.b32": 16, "st.global.v4.b32": 8, "ld.global.b32": 32,
+               "ld.global.b16": 64, "st.global.b32": 16, "st.global.b16": 32},
+    "copy": {"ld.global.v4.b32": 8, "st.global.v4.b32": 8, "ld.global.b32": 16,
+             "ld.global.b16": 32, "st.global.b32": 16, "st.global.b16": 32},
+    "swap": {"ld.global.v4.b32": 12, "st.global.v4.b32": 12, "ld.global.b32": 32,
+             "ld.global.b16": 32, "st.global.b32": 32, "st.global.b16": 32},
+}
+
+
+@pytest.mark.parametrize("name", ["update", "update-ptr", "copy", "copy-ptr", "swap"])
+def test_each_path_compiles_to_its_accesses_for_sm90(name, ptx_counts):
+    expected = dict(PTX_COUNTS[name.split("-")[0]])
+    if name.endswith("-ptr"):
+        expected["ld.global.b32"] += 1
+    ops = ptx_counts[name]["ops"]
+    assert {op: ops.get(op, 0) for op in expected} == expected, ops
+
+
+def test_a_zero_device_weight_exits_before_reading_the_table(ptx_counts):
+    """Graph-safe update: the first load is the weight, then a branch on it being 0, then
+    the tile table: a skipped step streams nothing."""
+    assert ptx_counts["update-ptr"]["first_load"] == "ld.global.b32"
+    assert ptx_counts["update-ptr"]["exit_on_zero_before_table"]
+    assert not ptx_counts["copy-ptr"]["exit_on_zero_before_table"]  # the check can fail
 
 
 def test_average_parameters_swaps_with_the_triton_kernel(monkeypatch):
@@ -198,8 +233,8 @@ def test_average_parameters_swaps_with_the_triton_kernel(monkeypatch):
     raw = {n: t.clone() for n, t in model.state_dict().items()}
     shadows = {n: s.clone() for n, s in ema.named_shadows()}
     kernels = []
-    real = launch._launch
-    monkeypatch.setattr(launch, "_launch", lambda k, *a, **kw: (kernels.append(k), real(k, *a, **kw)))
+    real = launch.run
+    monkeypatch.setattr(launch, "run", lambda k, *a, **kw: (kernels.append(k), real(k, *a, **kw)))
     with ema.average_parameters():
         assert all(torch.equal(t, shadows[n]) for n, t in model.state_dict().items())
     assert kernels == [launch.swap_kernel, launch.swap_kernel]

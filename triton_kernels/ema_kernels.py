@@ -15,6 +15,9 @@ The hints must be applied in the kernel body and passed down: Triton drops
 ``tl.multiple_of`` facts computed inside a helper or returned from one (seen with
 Triton 3.8 compiling for sm_90), so tile decoding is written out in each kernel.
 
+Ends of the update's weight: 0 returns before any load (nothing changes, even for an
+Inf param); 1 gives exactly the params.  Swaps move raw 32/16-bit words.
+
 Bytes per element (the bound on speed): update, bf16 param + fp32 shadow: 2 + 4 + 4
 = 10; fp32 + fp32: 12.  copy: read + write (4 + 2 for fp32 -> bf16).  swap: 2 reads +
 2 writes.
@@ -71,33 +74,46 @@ def _store(f32, bf16, f16, off4, off8, code, offs, x, mask, MASKED: tl.constexpr
 
 
 @triton.jit
+def _lerp(a, b, w):
+    """The two-sided lerp (as torch.lerp and the C++ kernels): for w >= 0.5 the form
+    b - (1 - w) * (b - a), where 1 - w is exact; w = 1 gives exactly b."""
+    mixed = tl.where(w < 0.5, a + w * (b - a), b - (1.0 - w) * (b - a))
+    return tl.where(w == 1.0, b, mixed)
+
+
+@triton.jit
 def update_kernel(tensors, tiles, f32, bf16, f16, weight, weight_ptr,
                   WEIGHT_FROM_PTR: tl.constexpr, BLOCK: tl.constexpr):
-    """a[i] += w * (b[i] - a[i]); a: shadows, b: params.  ``weight_ptr`` for graph capture."""
-    pid = tl.program_id(0).to(tl.int64)
-    t = tl.load(tiles + 2 * pid)
-    start = tl.multiple_of(tl.load(tiles + 2 * pid + 1), BLOCK)
-    a_off = tl.load(tensors + ROW * t)
-    b_off = tl.load(tensors + ROW * t + 1)
-    n = tl.load(tensors + ROW * t + 2)
-    a_code = tl.load(tensors + ROW * t + 3)
-    b_code = tl.load(tensors + ROW * t + 4)
-    aligned = tl.load(tensors + ROW * t + 5)
-    offs = tl.max_contiguous(tl.multiple_of(start + tl.arange(0, BLOCK), BLOCK), BLOCK)
-    mask = offs < n
+    """a[i] += w * (b[i] - a[i]); a: shadows, b: params.  ``weight_ptr`` for graph capture.
+
+    Weight 0 changes nothing: the program returns before reading its tile entry or any
+    tensor (an Inf param must not make its shadow NaN, and a step that capturable mode
+    skips must not stream the model).  Weight 1 gives exactly the params."""
     w = weight
     if WEIGHT_FROM_PTR:
         w = tl.load(weight_ptr).to(tl.float32)
-    if (start + BLOCK <= n) & (aligned != 0):
-        a4, a8 = tl.multiple_of(a_off, 4), tl.multiple_of(a_off, 8)
-        b4, b8 = tl.multiple_of(b_off, 4), tl.multiple_of(b_off, 8)
-        a = _load(f32, bf16, f16, a4, a8, a_code, offs, mask, False)
-        b = _load(f32, bf16, f16, b4, b8, b_code, offs, mask, False)
-        _store(f32, bf16, f16, a4, a8, a_code, offs, a + w * (b - a), mask, False)
-    else:
-        a = _load(f32, bf16, f16, a_off, a_off, a_code, offs, mask, True)
-        b = _load(f32, bf16, f16, b_off, b_off, b_code, offs, mask, True)
-        _store(f32, bf16, f16, a_off, a_off, a_code, offs, a + w * (b - a), mask, True)
+    if w != 0.0:
+        pid = tl.program_id(0).to(tl.int64)
+        t = tl.load(tiles + 2 * pid)
+        start = tl.multiple_of(tl.load(tiles + 2 * pid + 1), BLOCK)
+        a_off = tl.load(tensors + ROW * t)
+        b_off = tl.load(tensors + ROW * t + 1)
+        n = tl.load(tensors + ROW * t + 2)
+        a_code = tl.load(tensors + ROW * t + 3)
+        b_code = tl.load(tensors + ROW * t + 4)
+        aligned = tl.load(tensors + ROW * t + 5)
+        offs = tl.max_contiguous(tl.multiple_of(start + tl.arange(0, BLOCK), BLOCK), BLOCK)
+        mask = offs < n
+        if (start + BLOCK <= n) & (aligned != 0):
+            a4, a8 = tl.multiple_of(a_off, 4), tl.multiple_of(a_off, 8)
+            b4, b8 = tl.multiple_of(b_off, 4), tl.multiple_of(b_off, 8)
+            a = _load(f32, bf16, f16, a4, a8, a_code, offs, mask, False)
+            b = _load(f32, bf16, f16, b4, b8, b_code, offs, mask, False)
+            _store(f32, bf16, f16, a4, a8, a_code, offs, _lerp(a, b, w), mask, False)
+        else:
+            a = _load(f32, bf16, f16, a_off, a_off, a_code, offs, mask, True)
+            b = _load(f32, bf16, f16, b_off, b_off, b_code, offs, mask, True)
+            _store(f32, bf16, f16, a_off, a_off, a_code, offs, _lerp(a, b, w), mask, True)
 
 
 @triton.jit
@@ -129,8 +145,24 @@ def copy_kernel(tensors, tiles, f32, bf16, f16, scale, scale_ptr,
 
 
 @triton.jit
-def swap_kernel(tensors, tiles, f32, bf16, f16, BLOCK: tl.constexpr):
-    """Exchange a[i] and b[i] (same dtype: the launcher checks); exact through fp32."""
+def _swap_words(pa, pb, mask, MASKED: tl.constexpr):
+    """Exchange the raw words at ``pa`` and ``pb`` (bit for bit: NaN payloads, signs)."""
+    if MASKED:
+        x = tl.load(pa, mask=mask)
+        y = tl.load(pb, mask=mask)
+        tl.store(pa, y, mask=mask)
+        tl.store(pb, x, mask=mask)
+    else:
+        x = tl.load(pa)
+        y = tl.load(pb)
+        tl.store(pa, y)
+        tl.store(pb, x)
+
+
+@triton.jit
+def swap_kernel(tensors, tiles, i32, i16, BLOCK: tl.constexpr):
+    """Exchange a[i] and b[i] (same dtype: the launcher checks) as raw 32- or 16-bit
+    words, through int32/int16 views of the anchor."""
     pid = tl.program_id(0).to(tl.int64)
     t = tl.load(tiles + 2 * pid)
     start = tl.multiple_of(tl.load(tiles + 2 * pid + 1), BLOCK)
@@ -142,14 +174,14 @@ def swap_kernel(tensors, tiles, f32, bf16, f16, BLOCK: tl.constexpr):
     offs = tl.max_contiguous(tl.multiple_of(start + tl.arange(0, BLOCK), BLOCK), BLOCK)
     mask = offs < n
     if (start + BLOCK <= n) & (aligned != 0):
-        a4, a8 = tl.multiple_of(a_off, 4), tl.multiple_of(a_off, 8)
-        b4, b8 = tl.multiple_of(b_off, 4), tl.multiple_of(b_off, 8)
-        a = _load(f32, bf16, f16, a4, a8, code, offs, mask, False)
-        b = _load(f32, bf16, f16, b4, b8, code, offs, mask, False)
-        _store(f32, bf16, f16, a4, a8, code, offs, b, mask, False)
-        _store(f32, bf16, f16, b4, b8, code, offs, a, mask, False)
+        if code == 0:
+            _swap_words(i32 + tl.multiple_of(a_off, 4) + offs,
+                        i32 + tl.multiple_of(b_off, 4) + offs, mask, False)
+        else:
+            _swap_words(i16 + tl.multiple_of(a_off, 8) + offs,
+                        i16 + tl.multiple_of(b_off, 8) + offs, mask, False)
     else:
-        a = _load(f32, bf16, f16, a_off, a_off, code, offs, mask, True)
-        b = _load(f32, bf16, f16, b_off, b_off, code, offs, mask, True)
-        _store(f32, bf16, f16, a_off, a_off, code, offs, b, mask, True)
-        _store(f32, bf16, f16, b_off, b_off, code, offs, a, mask, True)
+        if code == 0:
+            _swap_words(i32 + a_off + offs, i32 + b_off + offs, mask, True)
+        else:
+            _swap_words(i16 + a_off + offs, i16 + b_off + offs, mask, True)

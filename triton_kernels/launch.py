@@ -3,8 +3,15 @@
 Tables live on the tensors' device and are built once per *set* of tensors: the cache
 key holds every pair's addresses, sizes and dtypes, so a tensor whose storage moved
 (``p.data = ...``, ``model.to(...)``) makes a new key and a new table, and no table is
-ever used with addresses other than the ones it was built from.  A cache hit costs no
-host-to-device copy and no host sync.
+ever used with addresses other than the ones it was built from.  A miss checks the pairs
+for overlaps (the key decides them); a hit costs no host-to-device copy and no host
+sync.  A table is copied to the device synchronously (so any stream may read it at
+once); the allocator is told of every other stream that reads it, so that evicting it
+while a kernel there still runs cannot hand its memory out early.
+
+CUDA graphs keep a table's device address and replay without asking the cache: a table
+used while a graph is captured is pinned (never evicted), and a miss during capture is
+refused (its copy would break the capture), as in the C++/CUDA backend.
 """
 from __future__ import annotations
 
@@ -14,6 +21,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from .._validate import check_no_overlap
 from .ema_kernels import ROW as _ROW, copy_kernel, swap_kernel, update_kernel
 
 ROW = int(_ROW.value)
@@ -24,8 +32,12 @@ BLOCK = 2048
 NUM_WARPS = 4
 CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _CACHE_SIZE = 16
+CAPTURE_MISS = ("the kernel table for these {n} tensors is not built yet, and it cannot be "
+                "built while a CUDA graph is being captured; run the same call once before "
+                "capturing (a warm-up step)")
 
 _plans: "OrderedDict[tuple, Plan]" = OrderedDict()
+_pinned: dict[tuple, "Plan"] = {}  # used during a graph capture: kept for the graph's life
 _anchors: dict[torch.device, torch.Tensor] = {}
 
 
@@ -54,6 +66,8 @@ class Plan:
         base = anchor.data_ptr()
         self.device = device
         self.views = tuple(anchor.view(dt) for dt in CODES)  # f32, bf16, f16 anchors
+        self.raw = (anchor.view(torch.int32), anchor.view(torch.int16))  # for swaps
+        self.streams: set[int] = set()  # CUDA streams the allocator knows read the tables
         rows, counts = [], []
         for a, b in pairs:
             pa, pb = a.data_ptr(), b.data_ptr()
@@ -71,81 +85,106 @@ class Plan:
         self.n_tiles = int(count.sum())
 
 
-def plan_for(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> Plan:
-    """The cached plan for exactly these addresses, sizes and dtypes (built on a miss)."""
-    key = (device,) + tuple((a.data_ptr(), b.data_ptr(), a.numel(), a.dtype, b.dtype)
-                            for a, b in pairs)
-    plan = _plans.get(key)
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def plan_for(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
+             kind: str = "update") -> Plan:
+    """The cached plan for exactly these addresses, sizes and dtypes (built on a miss,
+    after the overlap check of ``kind``: a swap writes both sides)."""
+    key = (device, kind == "swap") + tuple(
+        (a.data_ptr(), b.data_ptr(), a.numel(), a.dtype, b.dtype) for a, b in pairs)
+    plan = _pinned.get(key) or _plans.get(key)
+    capturing = _capturing(device)
     if plan is None:
+        if capturing:
+            raise RuntimeError("ema_fused (triton): " + CAPTURE_MISS.format(n=len(pairs)))
+        check_no_overlap(kind, [a for a, _ in pairs], [b for _, b in pairs])
         plan = _plans[key] = Plan(pairs, device)
         if len(_plans) > _CACHE_SIZE:
             _plans.popitem(last=False)
-    else:
+    elif key in _plans:
         _plans.move_to_end(key)
+    if capturing and key not in _pinned:
+        _pinned[key] = _plans.pop(key, plan)
     return plan
 
 
-def run(kernel, plan: Plan, *scalars, **meta) -> None:
-    """Launch ``kernel`` once over every tile of ``plan``."""
-    with torch.cuda.device(plan.device) if plan.device.type == "cuda" else contextlib.nullcontext():
-        kernel[(plan.n_tiles,)](plan.tensors, plan.tiles, *plan.views, *scalars,
-                                BLOCK=BLOCK, num_warps=NUM_WARPS, **meta)
+def run(kernel, plan: Plan, *args, **meta) -> None:
+    """Launch ``kernel`` once over every tile of ``plan``; ``args``: what the kernel takes
+    after the two tables (anchor views, scalars)."""
+    if plan.device.type != "cuda":
+        kernel[(plan.n_tiles,)](plan.tensors, plan.tiles, *args, BLOCK=BLOCK,
+                                num_warps=NUM_WARPS, **meta)
+        return
+    with torch.cuda.device(plan.device):
+        stream = torch.cuda.current_stream()
+        if stream.cuda_stream not in plan.streams:  # the copy is done: only the allocator
+            plan.tensors.record_stream(stream)
+            plan.tiles.record_stream(stream)
+            plan.streams.add(stream.cuda_stream)
+        kernel[(plan.n_tiles,)](plan.tensors, plan.tiles, *args, BLOCK=BLOCK,
+                                num_warps=NUM_WARPS, **meta)
 
 
-def _launch(kernel, pairs, *scalars, **meta) -> None:
-    pairs = [(a, b) for a, b in pairs if a.numel()]
-    if pairs:
-        run(kernel, plan_for(pairs, pairs[0][0].device), *scalars, **meta)
+def _nonempty(pairs) -> list:
+    return [(a, b) for a, b in pairs if a.numel()]
 
 
 def update(pairs, weight: float, weight_ptr: Optional[torch.Tensor] = None) -> None:
-    """``a += weight * (b - a)`` for every supported pair, one launch.
+    """``a += weight * (b - a)`` for every supported pair, one launch; weight 0 launches
+    nothing and weight 1 copies (both exact, and the pairs still checked).
 
     With ``weight_ptr`` (a 1-element float32 device tensor) the weight is read on the
     device, so a captured CUDA graph replays with whatever value it holds then.
     """
-    _launch(update_kernel, pairs, *_scalar_args(weight, weight_ptr, pairs),
-            WEIGHT_FROM_PTR=weight_ptr is not None)
+    pairs = _nonempty(pairs)
+    if pairs:
+        Prepared(pairs).update_(weight if weight_ptr is None else weight_ptr)
 
 
 def copy(pairs, scale: float, scale_ptr: Optional[torch.Tensor] = None) -> None:
     """``a = b * scale`` rounded once into ``a``'s dtype, one launch."""
-    _launch(copy_kernel, pairs, *_scalar_args(scale, scale_ptr, pairs),
-            SCALE_FROM_PTR=scale_ptr is not None)
+    pairs = _nonempty(pairs)
+    if pairs:
+        plan = plan_for(pairs, pairs[0][0].device, "copy")
+        ptr = plan.views[0] if scale_ptr is None else scale_ptr
+        run(copy_kernel, plan, *plan.views, float(scale), ptr, SCALE_FROM_PTR=scale_ptr is not None)
 
 
 def swap(pairs) -> None:
-    """Exchange the contents of each pair (same dtype and shape), one launch."""
+    """Exchange the contents of each pair (same dtype and shape), one launch, bit for bit."""
     for a, b in pairs:
         if a.dtype != b.dtype:
             raise TypeError(f"ema_fused: swap needs equal dtypes, got {a.dtype} and {b.dtype}")
-    _launch(swap_kernel, pairs)
-
-
-def _scalar_args(value: float, ptr: Optional[torch.Tensor], pairs) -> tuple:
-    """The scalar and the pointer it may be read from (an unused fp32 anchor when None)."""
-    if ptr is None:
-        device = next((a.device for a, _ in pairs), torch.device("cpu"))
-        ptr = _anchor(device).view(torch.float32)
-    return float(value), ptr
+    pairs = _nonempty(pairs)
+    if pairs:
+        plan = plan_for(pairs, pairs[0][0].device, "swap")
+        run(swap_kernel, plan, *plan.raw)
 
 
 class Prepared:
     """A plan held by a caller that vouches for its tensors (``EMA`` checks every
-    address, dtype and layout before each reuse): launches skip all per-tensor work."""
+    address, dtype and layout before each reuse): launches skip all per-tensor work.
+    Holding the plan keeps its tables alive even once the cache has evicted them."""
 
     def __init__(self, pairs) -> None:
-        pairs = [(a, b) for a, b in pairs if a.numel()]
+        pairs = _nonempty(pairs)
         self.plan = plan_for(pairs, pairs[0][0].device) if pairs else None
 
     def update_(self, weight) -> None:
         if self.plan is None:
             return
-        from_ptr = isinstance(weight, torch.Tensor)
-        ptr = weight if from_ptr else self.plan.views[0]
-        run(update_kernel, self.plan, 0.0 if from_ptr else float(weight), ptr,
-            WEIGHT_FROM_PTR=from_ptr)
+        if isinstance(weight, torch.Tensor):  # read on the device: the kernel does the ends
+            run(update_kernel, self.plan, *self.plan.views, 0.0, weight, WEIGHT_FROM_PTR=True)
+        elif weight == 1.0:
+            self.copy_(1.0)
+        elif weight != 0.0:
+            run(update_kernel, self.plan, *self.plan.views, float(weight), self.plan.views[0],
+                WEIGHT_FROM_PTR=False)
 
     def copy_(self, scale: float) -> None:
         if self.plan is not None:
-            run(copy_kernel, self.plan, float(scale), self.plan.views[0], SCALE_FROM_PTR=False)
+            run(copy_kernel, self.plan, *self.plan.views, float(scale), self.plan.views[0],
+                SCALE_FROM_PTR=False)

@@ -21,22 +21,16 @@ Tensors = Sequence[torch.Tensor]
 
 
 def supported(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether the kernels take this pair (else it goes to the fallback)."""
+    """Whether the kernels take this pair (else it goes to the fallback): kernel dtypes,
+    contiguous, at addresses that are multiples of the element size."""
     return (a.dtype in KERNEL_DTYPES and b.dtype in KERNEL_DTYPES and a.is_contiguous()
-            and b.is_contiguous())
+            and b.is_contiguous() and a.data_ptr() % a.element_size() == 0
+            and b.data_ptr() % b.element_size() == 0)
 
 
-def _split(a: Tensors, b: Tensors):
-    """(kernel a, kernel b, rest a, rest b)."""
-    ka, kb, ra, rb = [], [], [], []
-    for x, y in zip(a, b):
-        if supported(x, y):
-            ka.append(x)
-            kb.append(y)
-        else:
-            ra.append(x)
-            rb.append(y)
-    return ka, kb, ra, rb
+def _split(kind: str, a: Tensors, b: Tensors):
+    """(kernel a, kernel b, rest a, rest b), all pairs checked when some go to the fallback."""
+    return foreach.split_for_kernels(kind, a, b, supported)
 
 
 def _kernel_update(shadows: list, params: list, weight) -> None:
@@ -49,26 +43,26 @@ def _kernel_update(shadows: list, params: list, weight) -> None:
 
 
 def update_(shadows: Tensors, params: Tensors, weight) -> None:
-    ks, kp, rs, rp = _split(shadows, params)
+    ks, kp, rs, rp = _split("update", shadows, params)
     _kernel_update(ks, kp, weight)
     if rs:
-        foreach.update_(rs, rp, weight)
+        foreach.update_unchecked(rs, rp, weight)
 
 
 def copy_(dst: Tensors, src: Tensors, scale: float) -> None:
-    kd, ks, rd, rs = _split(dst, src)
+    kd, ks, rd, rs = _split("copy", dst, src)
     if kd:
         torch.ops.ema_fused.kernel_copy_(kd, ks, scale)
     if rd:
-        foreach.copy_(rd, rs, scale)
+        foreach.copy_unchecked(rd, rs, scale)
 
 
 def swap_(a: Tensors, b: Tensors) -> None:
-    ka, kb, ra, rb = _split(a, b)
+    ka, kb, ra, rb = _split("swap", a, b)
     if ka:
         torch.ops.ema_fused.kernel_swap_(ka, kb)
     if ra:
-        foreach.swap_(ra, rb)
+        foreach.swap_unchecked(ra, rb)
 
 
 class _Prepared:
@@ -80,7 +74,7 @@ class _Prepared:
     """
 
     def __init__(self, shadows: Tensors, params: Tensors) -> None:
-        self.ks, self.kp, self.rs, self.rp = _split(shadows, params)
+        self.ks, self.kp, self.rs, self.rp = _split("update", shadows, params)
         # a backend of this file is chosen only once the extension is loaded
         self._held = extension.module().PairSet(self.ks, self.kp) if self.ks else None
 
@@ -92,7 +86,7 @@ class _Prepared:
         else:
             self._held.update_(weight)
         if self.rs:
-            foreach.update_(self.rs, self.rp, weight)
+            foreach.update_unchecked(self.rs, self.rp, weight)
 
     def copy_(self, scale: float) -> None:
         if self._held is not None and not torch.compiler.is_compiling():
@@ -100,7 +94,7 @@ class _Prepared:
         elif self.ks:
             torch.ops.ema_fused.kernel_copy_(self.ks, self.kp, scale)
         if self.rs:
-            foreach.copy_(self.rs, self.rp, scale)
+            foreach.copy_unchecked(self.rs, self.rp, scale)
 
 
 def _reasons_for(device_type: str, dispatch_key: str):

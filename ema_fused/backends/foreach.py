@@ -24,6 +24,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from .._validate import check_no_overlap
 from .selection import Backend, register_backend
 
 #: Elements per piece: small enough to stay in cache on a CPU, large enough to keep
@@ -76,26 +77,33 @@ def pieces(pairs: Pairs, budget: int) -> Iterator[Pairs]:
 
 def _update_tensor_weight_(pairs: Pairs, weight: torch.Tensor) -> None:
     """The graph-safe form: ``weight`` stays on the device (``_foreach_lerp_`` would
-    turn a tensor weight into a Python number, a host sync), so lerp tensor by tensor."""
-    wides: dict[torch.dtype, torch.Tensor] = {}
+    turn a tensor weight into a Python number, a host sync), so lerp tensor by tensor.
+    Its ends are exact as in the kernels: 0 keeps the shadow (an Inf param would make
+    lerp's NaN), 1 gives the param (an Inf shadow would make lerp's NaN)."""
+    wides: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     for piece in pieces(pairs, piece_elements(pairs[0][0].device)):
         for s, p in piece:
             wide = torch.promote_types(torch.promote_types(s.dtype, p.dtype), torch.float32)
-            w = wides.setdefault(wide, weight.reshape(()).to(wide))
-            if s.dtype == wide:
-                s.lerp_(p.to(wide), w)
-            else:
-                s.copy_(s.to(wide).lerp_(p.to(wide), w))
+            if wide not in wides:
+                w = weight.reshape(()).to(wide)
+                wides[wide] = (w, w == 0, w == 1)
+            w, keep, take = wides[wide]
+            start, end = s.to(wide), p.to(wide)
+            s.copy_(torch.where(keep, start, torch.where(take, end, start.lerp(end, w))))
 
 
-def update_(shadows: Sequence[torch.Tensor], params: Sequence[torch.Tensor], weight) -> None:
-    """``shadows[i] += weight * (params[i] - shadows[i])`` with ``torch._foreach_lerp_``.
-
-    ``weight``: a Python number, or a 1-element device tensor (graph-safe form)."""
+def update_unchecked(shadows: Sequence[torch.Tensor], params: Sequence[torch.Tensor],
+                     weight) -> None:
+    """:func:`update_` without the overlap check, for callers that made it already."""
     if isinstance(weight, torch.Tensor):
         pairs = [(s, p) for s, p in zip(shadows, params) if s.numel()]
         if pairs:
             _update_tensor_weight_(pairs, weight)
+        return
+    if weight == 0.0:  # nothing changes (and an Inf param must not make a NaN shadow)
+        return
+    if weight == 1.0:  # exactly the params, whatever the shadows held
+        copy_unchecked(shadows, params, 1.0)
         return
     for (sd, pd), pairs in _group(shadows, params).items():
         if sd == pd:
@@ -112,8 +120,9 @@ def update_(shadows: Sequence[torch.Tensor], params: Sequence[torch.Tensor], wei
                 torch._foreach_copy_([s for s, _ in piece], tmp)
 
 
-def copy_(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor], scale: float) -> None:
-    """``dst[i] = src[i] * scale``, computed in at least fp32 and rounded once into ``dst[i]``."""
+def copy_unchecked(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor],
+                   scale: float) -> None:
+    """:func:`copy_` without the overlap check."""
     for (dd, sd), pairs in _group(dst, src).items():
         if scale == 1.0:
             torch._foreach_copy_([d for d, _ in pairs], [s for _, s in pairs])
@@ -127,8 +136,8 @@ def copy_(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor], scale: float
                     d.copy_(s.to(wide) * scale)
 
 
-def swap_(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> None:
-    """Exchange ``a[i]`` and ``b[i]`` (equal dtypes) through piece-sized temporaries."""
+def swap_unchecked(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> None:
+    """:func:`swap_` without the overlap check."""
     for _, pairs in _group(a, b).items():
         for piece in pieces(pairs, piece_elements(pairs[0][0].device)):
             xs, ys = [x for x, _ in piece], [y for _, y in piece]
@@ -137,10 +146,66 @@ def swap_(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> None:
             torch._foreach_copy_(ys, tmp)
 
 
+def update_(shadows: Sequence[torch.Tensor], params: Sequence[torch.Tensor], weight) -> None:
+    """``shadows[i] += weight * (params[i] - shadows[i])`` with ``torch._foreach_lerp_``;
+    weight 0 changes nothing and weight 1 copies, exactly, as in the kernels.
+
+    ``weight``: a Python number, or a 1-element device tensor (graph-safe form).
+    Pairs that share memory are refused first (:func:`check_no_overlap`)."""
+    check_no_overlap("update", shadows, params)
+    update_unchecked(shadows, params, weight)
+
+
+def copy_(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor], scale: float) -> None:
+    """``dst[i] = src[i] * scale``, computed in at least fp32 and rounded once into ``dst[i]``."""
+    check_no_overlap("copy", dst, src)
+    copy_unchecked(dst, src, scale)
+
+
+def swap_(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> None:
+    """Exchange ``a[i]`` and ``b[i]`` (equal dtypes) through piece-sized temporaries."""
+    check_no_overlap("swap", a, b)
+    swap_unchecked(a, b)
+
+
+def split_for_kernels(kind: str, a: Sequence[torch.Tensor], b: Sequence[torch.Tensor],
+                      supported) -> tuple[list, list, list, list]:
+    """``(kernel a, kernel b, rest a, rest b)``: the pairs ``supported(x, y)`` takes for a
+    kernel backend, and the rest for this module's ``*_unchecked`` functions.  The
+    kernels check their own pairs for overlaps; when some pairs go to the fallback, all
+    of them are checked here first, so that nothing is written before a refusal."""
+    ka, kb, ra, rb = [], [], [], []
+    for x, y in zip(a, b):
+        if supported(x, y):
+            ka.append(x)
+            kb.append(y)
+        else:
+            ra.append(x)
+            rb.append(y)
+    if ra:
+        check_no_overlap(kind, a, b)
+    return ka, kb, ra, rb
+
+
+class _Prepared:
+    """Pairs checked for overlaps once (for EMA's cached plan, which re-checks every
+    address and layout before each reuse)."""
+
+    def __init__(self, shadows: Sequence[torch.Tensor], params: Sequence[torch.Tensor]) -> None:
+        check_no_overlap("update", shadows, params)
+        self.shadows, self.params = list(shadows), list(params)
+
+    def update_(self, weight) -> None:
+        update_unchecked(self.shadows, self.params, weight)
+
+    def copy_(self, scale: float) -> None:
+        copy_unchecked(self.shadows, self.params, scale)
+
+
 def _reasons(device) -> list[str]:
     return []
 
 
 register_backend(Backend(
     "foreach", "pure PyTorch (torch._foreach_lerp_), runs on every device",
-    update_, copy_, _reasons, swap_=swap_))
+    update_, copy_, _reasons, swap_=swap_, prepare=_Prepared))

@@ -87,59 +87,53 @@ def _probe(device: torch.device) -> Optional[str]:
     return _probed[device]
 
 
-def _split(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]):
-    """(pairs the kernels take, the rest as two lists for the fallback)."""
-    launch = _launcher()
-    ok, rest_a, rest_b = [], [], []
-    for x, y in zip(a, b):
-        if launch.supported(x, y):
-            ok.append((x, y))
-        else:
-            rest_a.append(x)
-            rest_b.append(y)
-    return ok, rest_a, rest_b
+def _split(kind: str, a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]):
+    """(pairs the kernels take, the rest as two lists for the fallback); all pairs are
+    checked for overlaps when some go to the fallback (the kernels' tables check theirs)."""
+    ka, kb, rest_a, rest_b = foreach.split_for_kernels(kind, a, b, _launcher().supported)
+    return list(zip(ka, kb)), rest_a, rest_b
 
 
 def update_(shadows, params, weight) -> None:
-    ok, rest_s, rest_p = _split(shadows, params)
+    ok, rest_s, rest_p = _split("update", shadows, params)
     if isinstance(weight, torch.Tensor):  # graph-safe: the kernel reads it on the device
         _launcher().update(ok, 0.0, weight_ptr=weight)
     else:
         _launcher().update(ok, weight)
     if rest_s:
-        foreach.update_(rest_s, rest_p, weight)
+        foreach.update_unchecked(rest_s, rest_p, weight)
 
 
 def copy_(dst, src, scale: float) -> None:
-    ok, rest_d, rest_s = _split(dst, src)
+    ok, rest_d, rest_s = _split("copy", dst, src)
     _launcher().copy(ok, scale)
     if rest_d:
-        foreach.copy_(rest_d, rest_s, scale)
+        foreach.copy_unchecked(rest_d, rest_s, scale)
 
 
 class _Prepared:
     """Pairs split once into kernel pairs (with their tables) and fallback pairs."""
 
     def __init__(self, shadows, params) -> None:
-        ok, self.rest_s, self.rest_p = _split(shadows, params)
+        ok, self.rest_s, self.rest_p = _split("update", shadows, params)
         self.kernels = _launcher().Prepared(ok)
 
     def update_(self, weight) -> None:
         self.kernels.update_(weight)
         if self.rest_s:
-            foreach.update_(self.rest_s, self.rest_p, weight)
+            foreach.update_unchecked(self.rest_s, self.rest_p, weight)
 
     def copy_(self, scale: float) -> None:
         self.kernels.copy_(scale)
         if self.rest_s:
-            foreach.copy_(self.rest_s, self.rest_p, scale)
+            foreach.copy_unchecked(self.rest_s, self.rest_p, scale)
 
 
 def swap_(a, b) -> None:
-    ok, rest_a, rest_b = _split(a, b)
+    ok, rest_a, rest_b = _split("swap", a, b)
     _launcher().swap(ok)
     if rest_a:
-        foreach.swap_(rest_a, rest_b)
+        foreach.swap_unchecked(rest_a, rest_b)
 
 
 register_backend(Backend(

@@ -1,54 +1,69 @@
-// A CPU emulation of the CUDA kernels for the tests: the same table words and the
-// same per-thread tile code (csrc/multi_tensor.h) as cuda_kernels.cu, run block by
-// block and thread by thread on CPU tensors.  Threads of a block share nothing (no
-// shared memory, no barriers), so running them one after another gives exactly what
-// the GPU computes, up to fp32 contraction choices of the two compilers.
+// A CPU emulation of the CUDA kernels for the tests: the same checks, the same table
+// words and the same per-block code (csrc/multi_tensor.h: run_block, with the weight's
+// exact ends) as cuda_kernels.cu, run block by block and thread by thread on CPU
+// tensors.  Threads of a block share nothing (no shared memory, no barriers), so
+// running them one after another gives exactly what the GPU computes, up to fp32
+// contraction choices of the two compilers.  Every thread's path is counted
+// (EMA_FUSED_TRACE), so the tests can see which path ran and that a zero weight reads
+// nothing.
+#include <array>
+#include <cstdint>
+
+namespace emulation {
+std::array<int64_t, 5> trace{};  // indexed by ema_fused::Trace
+}
+#define EMA_FUSED_TRACE(event) (++emulation::trace[event])
+
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <string>
+#include <vector>
 
 #include "multi_tensor.h"
 #include "pairs.h"
 
 namespace {
 
-template <ema_fused::Kind K>
-void emulate(const char* op, at::TensorList a, at::TensorList b, double scalar) {
+using ema_fused::Kind;
+
+template <Kind K>
+void emulate(const char* op, at::TensorList a, at::TensorList b, float scalar, bool from_ptr) {
   const std::vector<ema_fused::Pair> pairs =
       ema_fused::check_pairs(op, a, b, K, at::Device(at::kCPU));
+  ema_fused::check_overlaps(op, pairs, K);
   const std::vector<int64_t> words = ema_fused::table_words(pairs);
   const int64_t n_rows = static_cast<int64_t>(pairs.size());
   const int64_t n_tiles = static_cast<int64_t>(words.size()) - n_rows * ema_fused::kRow;
+  const float* ptr = from_ptr ? &scalar : nullptr;  // the graph-safe form: read in the kernel
   for (int64_t block = 0; block < n_tiles; ++block) {
     for (int thread = 0; thread < ema_fused::kThreads; ++thread) {
-      ema_fused::run_tile<K>(words.data(), n_rows, block, thread, static_cast<float>(scalar));
+      ema_fused::run_block<K>(words.data(), n_rows, block, thread, from_ptr ? 0.0f : scalar, ptr);
     }
   }
 }
 
-// kind: "update" | "copy" | "swap"; returns the number of tiles that took the
-// vector path, so the tests can check both paths ran.
-int64_t run(at::TensorList a, at::TensorList b, const std::string& kind, double scalar) {
+// kind: "update" | "copy" | "swap".  Returns the per-thread counts of each traced path:
+// [tile entries read, full tiles with vector b, full tiles with scalar b, guarded
+// partial tiles, head elements].
+std::vector<int64_t> run(at::TensorList a, at::TensorList b, const std::string& kind,
+                         double scalar, bool from_ptr) {
+  emulation::trace.fill(0);
+  const float s = static_cast<float>(scalar);
   if (kind == "update") {
-    emulate<ema_fused::Kind::Update>("emulated update", a, b, scalar);
+    emulate<Kind::Update>("emulated update", a, b, s, from_ptr);
   } else if (kind == "copy") {
-    emulate<ema_fused::Kind::Copy>("emulated copy", a, b, scalar);
+    emulate<Kind::Copy>("emulated copy", a, b, s, from_ptr);
   } else {
     TORCH_CHECK(kind == "swap", "unknown kind ", kind);
-    emulate<ema_fused::Kind::Swap>("emulated swap", a, b, scalar);
+    emulate<Kind::Swap>("emulated swap", a, b, s, from_ptr);
   }
-  int64_t vector_tiles = 0;
-  for (const ema_fused::Pair& p : ema_fused::check_pairs("count", a, b, ema_fused::Kind::Copy,
-                                                          at::Device(at::kCPU))) {
-    if (ema_fused::vector_aligned(p)) vector_tiles += p.numel / ema_fused::kTile;
-  }
-  return vector_tiles;
+  return std::vector<int64_t>(emulation::trace.begin(), emulation::trace.end());
 }
 
 }  // namespace
 
 TORCH_LIBRARY(ema_fused_emulation, m) {
-  m.def("run_(Tensor(a!)[] a, Tensor(b!)[] b, str kind, float scalar) -> int");
+  m.def("run_(Tensor(a!)[] a, Tensor(b!)[] b, str kind, float scalar, bool from_ptr=False) -> int[]");
   m.impl("run_", c10::DispatchKey::CompositeExplicitAutograd, &run);
 }
