@@ -126,19 +126,17 @@ Launchable table_for(const char* op, const std::vector<Pair>& pairs, Kind kind,
               " tensors is not built yet, and it cannot be built while a CUDA graph is being "
               "captured; run the same call once before capturing (a warm-up step)");
   check_overlaps(op, pairs, kind);
-  const std::vector<int64_t> words = table_words(pairs);
-  at::Tensor host = at::empty({static_cast<int64_t>(words.size())},
-                              at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-  std::copy(words.begin(), words.end(), host.data_ptr<int64_t>());
+  const int64_t size = table_size(pairs);
   Table fresh;
   fresh.key = std::move(key);
-  fresh.words = at::empty({static_cast<int64_t>(words.size())},
-                          at::TensorOptions().dtype(at::kLong).device(device));
+  fresh.words = at::empty({size}, at::TensorOptions().dtype(at::kLong).device(device));
+  at::Tensor host = at::empty({size}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  fill_table(pairs, host.data_ptr<int64_t>(), fresh.words.data_ptr());
   fresh.words.copy_(host, /*non_blocking=*/true);  // the host block is kept until it is done
   fresh.copied = new_event();
   C10_CUDA_CHECK(cudaEventRecord(fresh.copied.get(), stream.stream()));
   fresh.n_rows = static_cast<int64_t>(pairs.size());
-  fresh.n_tiles = static_cast<int64_t>(words.size()) - fresh.n_rows * kRow;
+  fresh.n_tiles = size - fresh.n_rows * kRow;
   fresh.streams.push_back(stream.id());
   cache.push_front(std::move(fresh));
   const Table& made = cache.front();

@@ -92,23 +92,27 @@ inline int64_t tiles_of(const Pair& p) {
 
 // Table words for these pairs: n rows of kRow words, then one word per tile,
 // (row << 32) | tile.
-inline std::vector<int64_t> table_words(const std::vector<Pair>& pairs) {
-  std::vector<int64_t> words;
+inline int64_t table_size(const std::vector<Pair>& pairs) {
   int64_t n_tiles = 0;
   for (const Pair& p : pairs) n_tiles += tiles_of(p);
-  words.reserve(pairs.size() * kRow + n_tiles);
+  return static_cast<int64_t>(pairs.size()) * kRow + n_tiles;
+}
+
+// Writes the table_size(pairs) words into `out`, which is (or will be copied to) the
+// table at address `table`.  Rows hold the tensors' addresses as byte offsets from the
+// table: the kernel adds them to its table parameter, so nvcc knows every access is to
+// global memory and emits LDG/STG (an address loaded from memory would be generic).
+inline void fill_table(const std::vector<Pair>& pairs, int64_t* out, const void* table) {
+  const auto base = reinterpret_cast<uintptr_t>(table);
   for (const Pair& p : pairs) {
-    words.push_back(static_cast<int64_t>(reinterpret_cast<uintptr_t>(p.a)));
-    words.push_back(static_cast<int64_t>(reinterpret_cast<uintptr_t>(p.b)));
-    words.push_back(p.numel);
-    words.push_back(row_code(p));
+    *out++ = static_cast<int64_t>(reinterpret_cast<uintptr_t>(p.a) - base);
+    *out++ = static_cast<int64_t>(reinterpret_cast<uintptr_t>(p.b) - base);
+    *out++ = p.numel;
+    *out++ = row_code(p);
   }
   for (size_t r = 0; r < pairs.size(); ++r) {
-    for (int64_t t = 0; t < tiles_of(pairs[r]); ++t) {
-      words.push_back((static_cast<int64_t>(r) << 32) | t);
-    }
+    for (int64_t t = 0; t < tiles_of(pairs[r]); ++t) *out++ = (static_cast<int64_t>(r) << 32) | t;
   }
-  return words;
 }
 
 template <typename T>
@@ -136,9 +140,9 @@ EMA_HD void apply(A& a, B& b, float s) {
 }
 
 template <Kind K>
-constexpr bool reads_a() { return K != Kind::Copy; }  // copy-out never reads its destination
+constexpr bool kReadsA = K != Kind::Copy;  // copy-out never reads its destination
 template <Kind K>
-constexpr bool writes_b() { return K == Kind::Swap; }
+constexpr bool kWritesB = K == Kind::Swap;
 
 // A full tile of kTile elements from a (vector-aligned) and b.  Each thread issues all
 // its loads before any math, kUnroll 16-byte (fp32) vector loads per operand, so several
@@ -146,16 +150,16 @@ constexpr bool writes_b() { return K == Kind::Swap; }
 // coalesced.  A b that cannot be vector-aligned together with a (the two start at
 // different offsets) is read and written as the same kVec elements one by one: a is
 // 8 of the 10 bytes of a bf16 -> fp32 update, and the L1 serves b's repeated lines.
-template <Kind K, typename A, typename B>
-EMA_HD void full_tile(A* __restrict__ a, B* __restrict__ b, bool vector_b, int t, float s) {
-  EMA_FUSED_TRACE(vector_b ? kTraceFullVector : kTraceFullScalarB);
+template <Kind K, bool kVectorB, typename A, typename B>
+EMA_HD void full_tile(A* __restrict__ a, B* __restrict__ b, int t, float s) {
+  EMA_FUSED_TRACE(kVectorB ? kTraceFullVector : kTraceFullScalarB);
   Vec<A> va[kUnroll];
   Vec<B> vb[kUnroll];
 #pragma unroll
   for (int u = 0; u < kUnroll; ++u) {
     const int64_t i = (int64_t(u) * kThreads + t) * kVec;
-    if (reads_a<K>()) va[u] = *reinterpret_cast<const Vec<A>*>(a + i);
-    if (vector_b) {
+    if (kReadsA<K>) va[u] = *reinterpret_cast<const Vec<A>*>(a + i);
+    if (kVectorB) {
       vb[u] = *reinterpret_cast<const Vec<B>*>(b + i);
     } else {
 #pragma unroll
@@ -171,8 +175,8 @@ EMA_HD void full_tile(A* __restrict__ a, B* __restrict__ b, bool vector_b, int t
   for (int u = 0; u < kUnroll; ++u) {
     const int64_t i = (int64_t(u) * kThreads + t) * kVec;
     *reinterpret_cast<Vec<A>*>(a + i) = va[u];
-    if (writes_b<K>()) {
-      if (vector_b) {
+    if (kWritesB<K>) {
+      if (kVectorB) {
         *reinterpret_cast<Vec<B>*>(b + i) = vb[u];
       } else {
 #pragma unroll
@@ -183,27 +187,35 @@ EMA_HD void full_tile(A* __restrict__ a, B* __restrict__ b, bool vector_b, int t
 }
 
 // The last, partial tile of a tensor (len < kTile): guarded scalar accesses, unrolled,
-// every load before any store; element j * kThreads + t, so each access is coalesced.
+// element j * kThreads + t, so each access is coalesced.  Batches of 4 elements, each
+// with every load before any store: larger batches spilled registers at the 64-register
+// cap of __launch_bounds__(256, 4) (ptxas -v, sm_90: all 16 at once, 60-68 bytes in the
+// update and copy kernels; batches of 8, 68 bytes in the update kernel; batches of 4:
+// none, 48 registers).  Partial tiles are at most one per tensor.
 template <Kind K, typename A, typename B>
 EMA_HD void partial_tile(A* __restrict__ a, B* __restrict__ b, int64_t len, int t, float s) {
   EMA_FUSED_TRACE(kTraceGuarded);
-  A xa[kPerThread];
-  B xb[kPerThread];
+  constexpr int kBatch = kVec;
 #pragma unroll
-  for (int j = 0; j < kPerThread; ++j) {
-    const int64_t i = int64_t(j) * kThreads + t;
-    if (i < len) {
-      if (reads_a<K>()) xa[j] = a[i];
-      xb[j] = b[i];
+  for (int h = 0; h < kPerThread; h += kBatch) {
+    A xa[kBatch];
+    B xb[kBatch];
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) {
+      const int64_t i = int64_t(h + j) * kThreads + t;
+      if (i < len) {
+        if (kReadsA<K>) xa[j] = a[i];
+        xb[j] = b[i];
+      }
     }
-  }
 #pragma unroll
-  for (int j = 0; j < kPerThread; ++j) {
-    const int64_t i = int64_t(j) * kThreads + t;
-    if (i < len) {
-      apply<K>(xa[j], xb[j], s);
-      a[i] = xa[j];
-      if (writes_b<K>()) b[i] = xb[j];
+    for (int j = 0; j < kBatch; ++j) {
+      const int64_t i = int64_t(h + j) * kThreads + t;
+      if (i < len) {
+        apply<K>(xa[j], xb[j], s);
+        a[i] = xa[j];
+        if (kWritesB<K>) b[i] = xb[j];
+      }
     }
   }
 }
@@ -211,37 +223,36 @@ EMA_HD void partial_tile(A* __restrict__ a, B* __restrict__ b, int64_t len, int 
 // Thread t's share of tile `tile` of one row: on tile 0, threads below the head take
 // one head element each; then the tile's kTile elements after the head.
 template <Kind K, typename A, typename B>
-EMA_HD void row_tile(int64_t a_addr, int64_t b_addr, int64_t n, int64_t head, int64_t tile,
-                     bool vector_b, int t, float s) {
-  A* a = reinterpret_cast<A*>(a_addr);
-  B* b = reinterpret_cast<B*>(b_addr);
-#if defined(__CUDA_ARCH__)
-  // Addresses read from the table are generic pointers to nvcc; saying they are global
-  // lets it emit LDG/STG (vector and read-only forms) instead of generic LD/ST.
-  __builtin_assume(__isGlobal(a) && __isGlobal(b));
-#endif
+EMA_HD void row_tile(char* base, int64_t a_offset, int64_t b_offset, int64_t n, int64_t head,
+                     int64_t tile, bool vector_b, int t, float s) {
+  A* a = reinterpret_cast<A*>(base + a_offset);
+  B* b = reinterpret_cast<B*>(base + b_offset);
   if (tile == 0 && t < head && t < n) {
     EMA_FUSED_TRACE(kTraceHead);
     A x{};
-    if (reads_a<K>()) x = a[t];
+    if (kReadsA<K>) x = a[t];
     B y = b[t];
     apply<K>(x, y, s);
     a[t] = x;
-    if (writes_b<K>()) b[t] = y;
+    if (kWritesB<K>) b[t] = y;
   }
   const int64_t start = head + tile * kTile;
   const int64_t len = n - start < kTile ? n - start : kTile;
-  if (len == kTile) {
-    full_tile<K>(a + start, b + start, vector_b, t, s);
+  if (len == kTile && vector_b) {
+    full_tile<K, true>(a + start, b + start, t, s);
+  } else if (len == kTile) {
+    full_tile<K, false>(a + start, b + start, t, s);
   } else if (len > 0) {
     partial_tile<K>(a + start, b + start, len, t, s);
   }
 }
 
-// Thread t's share of tile entry e of a table with n_rows rows.
+// Thread t's share of tile entry e of a table with n_rows rows.  Tensor addresses are
+// offsets from the table (fill_table); the table is never written.
 template <Kind K>
 EMA_HD void run_tile(const int64_t* table, int64_t n_rows, int64_t e, int t, float s) {
   EMA_FUSED_TRACE(kTraceTable);
+  char* base = const_cast<char*>(reinterpret_cast<const char*>(table));
   const int64_t entry = table[n_rows * kRow + e];
   const int64_t* row = table + (entry >> 32) * kRow;
   const int64_t tile = entry & 0xffffffffLL;
@@ -253,19 +264,19 @@ EMA_HD void run_tile(const int64_t* table, int64_t n_rows, int64_t e, int t, flo
   using bf16 = c10::BFloat16;
   using f16 = c10::Half;
   if constexpr (K == Kind::Swap) {  // equal dtypes only (codes 0, 4, 8): move raw bits
-    if ((code & 15) == 0) return row_tile<K, uint32_t, uint32_t>(a, b, n, head, tile, vb, t, s);
-    return row_tile<K, uint16_t, uint16_t>(a, b, n, head, tile, vb, t, s);
+    if ((code & 15) == 0) return row_tile<K, uint32_t, uint32_t>(base, a, b, n, head, tile, vb, t, s);
+    return row_tile<K, uint16_t, uint16_t>(base, a, b, n, head, tile, vb, t, s);
   } else {
     switch (code & 15) {
-      case 0: return row_tile<K, f32, f32>(a, b, n, head, tile, vb, t, s);
-      case 1: return row_tile<K, bf16, f32>(a, b, n, head, tile, vb, t, s);
-      case 2: return row_tile<K, f16, f32>(a, b, n, head, tile, vb, t, s);
-      case 3: return row_tile<K, f32, bf16>(a, b, n, head, tile, vb, t, s);
-      case 4: return row_tile<K, bf16, bf16>(a, b, n, head, tile, vb, t, s);
-      case 5: return row_tile<K, f16, bf16>(a, b, n, head, tile, vb, t, s);
-      case 6: return row_tile<K, f32, f16>(a, b, n, head, tile, vb, t, s);
-      case 7: return row_tile<K, bf16, f16>(a, b, n, head, tile, vb, t, s);
-      case 8: return row_tile<K, f16, f16>(a, b, n, head, tile, vb, t, s);
+      case 0: return row_tile<K, f32, f32>(base, a, b, n, head, tile, vb, t, s);
+      case 1: return row_tile<K, bf16, f32>(base, a, b, n, head, tile, vb, t, s);
+      case 2: return row_tile<K, f16, f32>(base, a, b, n, head, tile, vb, t, s);
+      case 3: return row_tile<K, f32, bf16>(base, a, b, n, head, tile, vb, t, s);
+      case 4: return row_tile<K, bf16, bf16>(base, a, b, n, head, tile, vb, t, s);
+      case 5: return row_tile<K, f16, bf16>(base, a, b, n, head, tile, vb, t, s);
+      case 6: return row_tile<K, f32, f16>(base, a, b, n, head, tile, vb, t, s);
+      case 7: return row_tile<K, bf16, f16>(base, a, b, n, head, tile, vb, t, s);
+      case 8: return row_tile<K, f16, f16>(base, a, b, n, head, tile, vb, t, s);
       default: return;
     }
   }

@@ -3,21 +3,27 @@
 #
 #   bash scripts/gpu_check.sh [OUT_DIR]          # default: $OUT, else gpu_results
 #
+# In order of what matters most when time is short:
 # 1. installs this checkout into the python3 on PATH without touching its torch/Triton
 #    (pip --no-deps --no-build-isolation --no-index -e .), then builds the C++/CUDA
 #    extension for the GPU it finds (EMA_FUSED_BUILD_EXT=0 skips it; a failure is
 #    logged and the run goes on without the cuda backend);
 # 2. records the environment (python -m ema_fused, nvidia-smi);
-# 3. runs the GPU tests (pytest -m gpu), then the whole tests folder;
-# 4. with EMA_SANITIZE=1 and compute-sanitizer on PATH, the GPU tests under memcheck,
-#    then the C++/CUDA kernels' tests under racecheck;
-# 5. the host cost of ema.update() for 500 tensors (benchmarks/bench_host.py), then the
-#    full benchmark suite, benchmarks/run.py --out OUT_DIR (extra run.py arguments in
-#    $BENCH_ARGS, e.g. BENCH_ARGS="--models llama-1.1b");
-# and prints a status table and ema_fused's speed-ups last.  Everything lands in OUT_DIR,
-# at most 9 files: setup.log, tests.log, sanitizer.log, bench.log, summary.txt,
-# host_<gpu>_<date>.json and the suite's bench_<gpu>_<date>.{json,md,png}.  EMA_SKIP_TESTS=1 / EMA_SKIP_BENCH=1 leave a
-# part out (e.g. to fit a time limit).  Exit status: non-zero if any step failed.
+# 3. runs the GPU tests (pytest -m gpu: the kernels, streams, graph capture, overlaps);
+# 4. the update's fraction of the copy bandwidth per backend, bf16 params with fp32
+#    shadows, aligned and unaligned (benchmarks/bench_bandwidth.py; its models in
+#    $BANDWIDTH_MODELS, default llama-1.1b mix500);
+# 5. unless EMA_SANITIZE=0: the kernel GPU tests under compute-sanitizer memcheck (out
+#    of bounds, misaligned accesses) and initcheck (reads of unwritten memory, e.g. a
+#    table read before its copy landed), each capped at $SANITIZE_TIMEOUT seconds;
+# 6. the host cost of ema.update() for 500 tensors (benchmarks/bench_host.py), then the
+#    whole tests folder; with EMA_SUITE=1 also the full benchmark suite
+#    (benchmarks/run.py, extra arguments in $BENCH_ARGS);
+# and prints a status table and the bandwidth table last.  Everything lands in OUT_DIR:
+# setup.log, tests.log, sanitizer.log, bench.log, summary.txt,
+# bandwidth_<gpu>_<date>.{json,md}, host_<gpu>_<date>.json and, with EMA_SUITE=1, the
+# suite's bench_<gpu>_<date>.{json,md,png}.  EMA_SKIP_TESTS=1 / EMA_SKIP_BENCH=1 leave
+# a part out.  Exit status: non-zero if any step failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -60,25 +66,35 @@ if command -v nvidia-smi > /dev/null; then
     step "nvidia-smi" "$OUT_DIR/setup.log" nvidia-smi
 fi
 
+KERNEL_TESTS=(tests/test_kernels_gpu.py tests/test_kernel_edges.py)
 if [ "${EMA_SKIP_TESTS:-0}" = "0" ]; then
     step "tests -m gpu" "$OUT_DIR/tests.log" "$PY" -m pytest -q -ra -p no:cacheprovider tests -m gpu
-    step "tests (all)" "$OUT_DIR/tests.log" "$PY" -m pytest -q -ra -p no:cacheprovider tests
-    if [ "${EMA_SANITIZE:-0}" != "0" ]; then
-        if command -v compute-sanitizer > /dev/null; then
-            step "compute-sanitizer memcheck" "$OUT_DIR/sanitizer.log" compute-sanitizer \
-                --tool memcheck --error-exitcode 1 "$PY" -m pytest -q -x -p no:cacheprovider \
-                tests -m gpu
-            step "compute-sanitizer racecheck" "$OUT_DIR/sanitizer.log" compute-sanitizer \
-                --tool racecheck --error-exitcode 1 "$PY" -m pytest -q -x -p no:cacheprovider \
-                tests/test_kernels_gpu.py -k "cuda and not triton" -m gpu
-        else
-            echo "compute-sanitizer not on PATH: skipped" >> "$SUMMARY"
-        fi
+fi
+if [ "${EMA_SKIP_BENCH:-0}" = "0" ]; then
+    # shellcheck disable=SC2086  # a list of words on purpose
+    step "bandwidth" "$OUT_DIR/bench.log" "$PY" benchmarks/bench_bandwidth.py --out "$OUT_DIR" \
+        --models ${BANDWIDTH_MODELS:-llama-1.1b mix500}
+fi
+if [ "${EMA_SKIP_TESTS:-0}" = "0" ] && [ "${EMA_SANITIZE:-1}" != "0" ]; then
+    if command -v compute-sanitizer > /dev/null; then
+        for tool in memcheck initcheck; do
+            step "compute-sanitizer $tool" "$OUT_DIR/sanitizer.log" \
+                timeout "${SANITIZE_TIMEOUT:-300}" compute-sanitizer --tool "$tool" \
+                --error-exitcode 1 "$PY" -m pytest -q -x -p no:cacheprovider \
+                "${KERNEL_TESTS[@]}" -m gpu
+        done
+    else
+        echo "compute-sanitizer not on PATH: skipped" >> "$SUMMARY"
+        failed=1
     fi
 fi
-
 if [ "${EMA_SKIP_BENCH:-0}" = "0" ]; then
     step "host cost" "$OUT_DIR/bench.log" "$PY" benchmarks/bench_host.py --out "$OUT_DIR"
+fi
+if [ "${EMA_SKIP_TESTS:-0}" = "0" ]; then
+    step "tests (all)" "$OUT_DIR/tests.log" "$PY" -m pytest -q -ra -p no:cacheprovider tests
+fi
+if [ "${EMA_SUITE:-0}" != "0" ]; then
     # shellcheck disable=SC2086  # BENCH_ARGS is a list of words on purpose
     step "benchmark suite" "$OUT_DIR/bench.log" "$PY" benchmarks/run.py --out "$OUT_DIR" \
         ${BENCH_ARGS:-}
@@ -88,9 +104,9 @@ echo
 echo "== gpu_check summary ($OUT_DIR)"
 cat "$SUMMARY"
 grep -h -E " in [0-9.]+s( \([0-9:]+\))?( =+)?$" "$OUT_DIR/tests.log" 2>/dev/null
-table=$(ls -t "$OUT_DIR"/bench_*.md 2>/dev/null | head -n 1)
+table=$(ls -t "$OUT_DIR"/bandwidth_*.md 2>/dev/null | head -n 1)
 if [ -n "$table" ]; then
     echo
-    sed -n '/^### Speed-up of ema_fused/,$p' "$table"
+    cat "$table"
 fi
 exit $failed

@@ -194,3 +194,19 @@ def test_host_cost_benchmark_times_every_usable_backend_both_ways(tmp_path, caps
     for r in rows.values():
         assert 0 < r["p20_us"] <= r["median_us"] <= r["p80_us"] and r["note"] == "500 tensors"
     assert "| ema_fused[foreach], python check |" in capsys.readouterr().out
+
+
+def test_bandwidth_bench_times_both_layouts_against_the_copy(tmp_path, capsys):
+    from benchmarks import bench_bandwidth
+    model = bench_bandwidth.unaligned(models.SPECS["llama-tiny"], torch.device("cpu"))
+    assert all(p.data_ptr() % 16 == 2 for p in model.parameters())  # 1 bf16 element off
+    assert bench_bandwidth.main(["--models", "llama-tiny", "--repeats", "1",
+                                 "--out", str(tmp_path)]) == 0
+    result = json.loads(next(tmp_path.glob("bandwidth_cpu-*.json")).read_text())
+    names = bench_bandwidth.backends(torch.device("cpu")) + ["copy"]
+    assert {(r["layout"], r["backend"]) for r in result["rows"]} == {
+        (layout, n) for layout in ("aligned", "unaligned") for n in names}
+    for r in result["rows"]:
+        assert r["median_ms"] > 0 and r["fraction_of_copy"] > 0
+        assert r["params"] == models.SPECS["llama-tiny"].numel
+    assert "| llama-tiny | unaligned |" in capsys.readouterr().out

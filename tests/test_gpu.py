@@ -1,5 +1,6 @@
 """GPU checks of the core and its foreach fallback (skipped without a CUDA device);
-the Triton backend's GPU checks are in test_triton_gpu.py."""
+the kernel backends' GPU checks (Triton and C++/CUDA) are in test_kernels_gpu.py and,
+for the exact edges shared with the CPU backends, in test_kernel_edges.py."""
 from __future__ import annotations
 
 import itertools

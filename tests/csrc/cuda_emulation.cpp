@@ -32,7 +32,8 @@ void emulate(const char* op, at::TensorList a, at::TensorList b, float scalar, b
   const std::vector<ema_fused::Pair> pairs =
       ema_fused::check_pairs(op, a, b, K, at::Device(at::kCPU));
   ema_fused::check_overlaps(op, pairs, K);
-  const std::vector<int64_t> words = ema_fused::table_words(pairs);
+  std::vector<int64_t> words(ema_fused::table_size(pairs));
+  ema_fused::fill_table(pairs, words.data(), words.data());
   const int64_t n_rows = static_cast<int64_t>(pairs.size());
   const int64_t n_tiles = static_cast<int64_t>(words.size()) - n_rows * ema_fused::kRow;
   const float* ptr = from_ptr ? &scalar : nullptr;  // the graph-safe form: read in the kernel
