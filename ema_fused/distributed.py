@@ -113,8 +113,9 @@ def follow_sharding(name: str, shadow: torch.Tensor, live: torch.Tensor) -> torc
             f"EMA: tensor {name!r} became {describe(live)} after the EMA was made and its "
             "shard is not a slice of the full tensor; create the EMA after sharding "
             "(after fully_shard / distribute_tensor)")
-    hint = (" (an FSDP2 module is unsharded inside its forward or after unshard(): use "
-            "the EMA while the model is sharded)" if not is_dtensor(live) else
+    hint = (" (an FSDP2 module is unsharded: after a forward with reshard_after_forward="
+            "False, or unshard(); call its reshard() first, or update after backward)"
+            if not is_dtensor(live) else
             " (the model was resharded: save the EMA with torch.distributed.checkpoint and "
             "load it into an EMA made after resharding)")
     raise ModelChangedError(f"EMA: tensor {name!r} is now {describe(live)} but its shadow "

@@ -75,9 +75,13 @@ def _dcp_worker(rank: int, world_size: int, root: str) -> None:
     offloaded = ema_u.averaged_weights(full_state_dict=True, cpu_offload=True)
     everywhere = ema_u.averaged_weights(full_state_dict=True)
     sharded = ema_u.averaged_weights()
+    sharded_cpu = ema_u.averaged_weights(cpu_offload=True)  # still DTensors, every rank
     assert (offloaded == {}) == (rank != 0)
     for name, value in everywhere.items():
         assert type(value) is torch.Tensor and torch.equal(value, full(sharded[name])), name
+        assert type(sharded_cpu[name]) is type(sharded[name]), name
+        assert local(sharded_cpu[name]).device.type == "cpu"
+        assert torch.equal(local(sharded_cpu[name]), local(sharded[name])), name
         if rank == 0:
             assert offloaded[name].device.type == "cpu" and torch.equal(offloaded[name], value)
     if rank == 0:

@@ -14,11 +14,13 @@ import pytest
 import torch
 
 from dist_utils import full, make_model, spawn, step_models
+from ema_fused import schedules
 
-CONFIGS = [  # (model dtype, EMA keywords): swap path, store path + bias, buffers/exclude
-    (torch.float32, dict(decay=0.9)),
+CONFIGS = [  # (model dtype, EMA keywords): swap path, store path + bias, buffers/exclude,
+    (torch.float32, dict(decay=0.9)),  # the graph-safe (capturable) update
     (torch.bfloat16, dict(decay=0.8, bias_correction=True, buffers="copy")),
     (torch.float32, dict(decay=0.7, buffers="ignore", exclude=["2.*"])),
+    (torch.bfloat16, dict(decay=0.75, schedule=schedules.constant(0.75), capturable=True)),
 ]
 
 
