@@ -28,10 +28,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, fn: Callable, world_size: int, port: int, args: tuple) -> None:
+def _entry(rank: int, fn: Callable, world_size: int, port: int, args: tuple,
+           pg_backend: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)  # two ranks on two cores: no oversubscription
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    if pg_backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(pg_backend, rank=rank, world_size=world_size)
     try:
         fn(rank, world_size, *args)
         dist.barrier()  # no rank leaves while another still needs it
@@ -39,9 +42,11 @@ def _entry(rank: int, fn: Callable, world_size: int, port: int, args: tuple) -> 
         dist.destroy_process_group()
 
 
-def spawn(fn: Callable, world_size: int, *args, timeout: float = DEFAULT_TIMEOUT) -> None:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks, or fail."""
-    ctx = mp.start_processes(_entry, args=(fn, world_size, free_port(), args),
+def spawn(fn: Callable, world_size: int, *args, timeout: float = DEFAULT_TIMEOUT,
+          pg_backend: str = "gloo") -> None:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` ranks (gloo; ``"nccl"``
+    for one GPU per rank), or fail."""
+    ctx = mp.start_processes(_entry, args=(fn, world_size, free_port(), args, pg_backend),
                              nprocs=world_size, join=False, start_method="spawn")
     deadline = time.monotonic() + timeout
     try:
