@@ -10,6 +10,7 @@ module-level function of an importable module (the children import it).
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import time
 from typing import Callable
@@ -42,6 +43,16 @@ def _entry(rank: int, fn: Callable, world_size: int, port: int, args: tuple,
         dist.destroy_process_group()
 
 
+def _every_error(ctx) -> str:
+    """The traceback each failed rank left (torch.multiprocessing writes one per rank)."""
+    out = []
+    for rank, path in enumerate(ctx.error_files):
+        if path and os.path.exists(path) and os.path.getsize(path):
+            with open(path, "rb") as fh:
+                out.append(f"-- rank {rank}:\n{pickle.load(fh)}")
+    return "\n".join(out)
+
+
 def spawn(fn: Callable, world_size: int, *args, timeout: float = DEFAULT_TIMEOUT,
           pg_backend: str = "gloo") -> None:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` ranks (gloo; ``"nccl"``
@@ -54,6 +65,10 @@ def spawn(fn: Callable, world_size: int, *args, timeout: float = DEFAULT_TIMEOUT
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{fn.__name__} on {world_size} ranks did not finish "
                                    f"within {timeout:.0f} s (a hang?)")
+    except (mp.ProcessRaisedException, mp.ProcessExitedException) as first:
+        # join reports the first failed rank it looks at, which may be one that only
+        # lost its peer (a reset connection): report every rank's own error
+        raise RuntimeError(_every_error(ctx) or str(first)) from None
     finally:
         for p in ctx.processes:
             if p.is_alive():

@@ -12,6 +12,7 @@ from dist_utils import spawn
 def _fails_on_rank_1(rank: int, world_size: int) -> None:
     if rank == 1:
         raise ValueError("rank 1 says no")
+    dist.barrier()  # rank 0 loses its peer here: its own error must not hide rank 1's
 
 
 def _hangs(rank: int, world_size: int) -> None:
