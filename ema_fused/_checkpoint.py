@@ -5,6 +5,7 @@ from typing import Mapping
 
 import torch
 
+from . import distributed as _distributed
 from ._validate import lossless
 
 FORMAT = "ema_fused.EMA"
@@ -50,6 +51,22 @@ def check_tensor(name: str, src: torch.Tensor, dst: torch.Tensor) -> None:
                         "Make the EMA with a matching dtype= to load it")
 
 
+def local_source(name: str, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    """What to copy into shadow ``dst``'s local tensor (after :func:`check_tensor`): the
+    local tensor of a DTensor laid out like ``dst``, or this rank's shard of a full
+    plain tensor (no communication).  Raises naming the tensor otherwise."""
+    if _distributed.same_layout(src, dst):
+        return _distributed.local(src)
+    if _distributed.is_dtensor(dst) and not _distributed.is_dtensor(src):
+        box = _distributed.local_box(src, dst)
+        if box is not None:
+            return box
+    raise ValueError(f"EMA.load_state_dict: shadow {name!r} is {_distributed.describe(dst)} but "
+                     f"the checkpoint holds {_distributed.describe(src)}; load sharded "
+                     "checkpoints of another layout with torch.distributed.checkpoint "
+                     "(dcp.load reshards them)")
+
+
 def _product(ema) -> float:
     sched = ema._device_schedule
     return ema._decay_product if sched is None else float(sched.product.item())
@@ -82,11 +99,15 @@ def load_into(ema, state_dict: dict, strict: bool) -> None:
         raise KeyError(f"EMA.load_state_dict: missing keys {missing}, "
                        f"unexpected keys {unexpected}")
     index = {n: i for i, n in enumerate(names)}
+    copies = []
     for name, key in pairs.items():
-        check_tensor(name, theirs[key], ema._shadows[index[name]])
+        dst = ema._shadows[index[name]]
+        check_tensor(name, theirs[key], dst)
+        copies.append((_distributed.local(dst), local_source(name, theirs[key], dst)))
     with torch.no_grad():
-        for name, key in pairs.items():
-            ema._shadows[index[name]].copy_(theirs[key])
+        for dst, src in copies:
+            if src is not dst:  # dcp.load fills the shadows in place, then passes them here
+                dst.copy_(src)
     ema._step = int(state_dict["step"])
     ema._decay = state_dict["decay"]
     ema._decay_product = float(state_dict["decay_product"])

@@ -33,6 +33,15 @@ class Entry:
     shape: torch.Size
 
 
+def unwrap(source: object) -> object:
+    """The model inside a ``DistributedDataParallel`` / ``DataParallel`` wrapper (which
+    hold one full replica each): ``EMA(ddp_model)`` and ``EMA(ddp_model.module)`` then
+    track the same tensors under the same names, without the ``module.`` segment."""
+    while isinstance(source, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        source = source.module
+    return source
+
+
 def _matches(name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
@@ -42,6 +51,7 @@ class Tracked:
 
     def __init__(self, source: Union[nn.Module, Iterable[torch.Tensor]], buffers: str,
                  exclude: Sequence[str]) -> None:
+        source = unwrap(source)
         self.module: Optional[nn.Module] = source if isinstance(source, nn.Module) else None
         self.entries: list[Entry] = []
         self.aliases: dict[str, int] = {}  # every name (aliases too) -> entry index
@@ -122,6 +132,7 @@ class Tracked:
         """
         if target is None:
             target = self.module if self.module is not None else self.tensors
+        target = unwrap(target)
         if isinstance(target, nn.Module):
             if self.module is None:
                 raise TypeError("EMA: this EMA was made from a list of tensors; pass a list")

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from . import _checkpoint, _host_path, _validate
+from . import distributed as _distributed
 from .backends import selection as _backend
 from ._capturable import DeviceSchedule
 from ._reads import AveragedReads
@@ -91,14 +92,14 @@ class EMA(AveragedReads):
         with torch.no_grad():
             self._shadows = [self._make_shadow(e, t, dtype) for e, t in
                              zip(self._tracked.entries, self._tracked.read())]
-        for dev in {s.device for s in self._shadows}:
+        for dev in {_distributed.local(s).device for s in self._shadows}:
             _backend.select(backend, dev)  # a backend named but unusable fails now
         self._step = 0
         self._decay: Optional[float] = None
         self.backend: Optional[str] = None
         self._device_schedule: Optional[DeviceSchedule] = None
         if capturable:
-            devices = {sh.device for sh in self._shadows}
+            devices = {_distributed.local(sh).device for sh in self._shadows}
             if len(devices) != 1:
                 raise ValueError(f"EMA: capturable=True needs every shadow on one device, got "
                                  f"{sorted(map(str, devices))}")
@@ -129,16 +130,18 @@ class EMA(AveragedReads):
                                "the shadows and the model's weights are swapped")
 
     def _make_shadow(self, entry, t: torch.Tensor, dtype) -> torch.Tensor:
-        device = self._device or t.device
+        """A new shadow of model tensor ``t``: of its local shard, laid out like it."""
+        src = _distributed.local(t)
+        device = self._device or src.device
         if not entry.averaged:
-            return t.detach().to(device, copy=True)
+            return _distributed.wrap_like(t, src.detach().to(device, copy=True))
         if dtype is not None and not _validate.lossless(t.dtype, dtype):
             raise TypeError(f"EMA: tensor {entry.name!r} is {t.dtype}; shadows of dtype {dtype} "
                             "would lose precision. Pass dtype=None or a wider dtype")
         dtype = dtype or t.dtype
         if self.bias_correction:
-            return torch.zeros(t.shape, dtype=dtype, device=device)
-        return t.detach().to(device, dtype, copy=True)
+            return _distributed.wrap_like(t, torch.zeros(src.shape, dtype=dtype, device=device))
+        return _distributed.wrap_like(t, src.detach().to(device, dtype, copy=True))
 
     # ------------------------------------------------------------------ update
     def update(self, step: Optional[int] = None) -> None:
@@ -212,13 +215,16 @@ class EMA(AveragedReads):
         key matches (e.g. a new Parameter object over the same storage), so that the
         next snapshot holds the new objects.
         """
-        key = [(t.data_ptr(), t.dtype, t.get_device(), t.is_contiguous(), t.shape) for t in live]
+        local = _distributed.locals_of(live)  # DTensors: the backends work on local shards
+        key = [(t.data_ptr(), t.dtype, t.get_device(), t.is_contiguous(), t.shape, t is not g)
+               for t, g in zip(local, live)]
         if self._plan is not None and self._plan.snapshot is None and self._plan.key == key:
             return self._plan
         self._plan = None  # a failed check below must not leave the old plan in use
         self._tracked.check_shapes(live)
+        self._follow_sharding(live)
         self._follow_devices(live)
-        plan = _Plan(*self._split(live))
+        plan = _Plan(*self._split(local))
         if all(s.device == p.device for s, p in zip(plan.ema_s, plan.ema_p)):
             plan.groups = []
             for dev, (ga, gb) in group_by_device(plan.ema_s, plan.ema_p).items():
@@ -231,16 +237,30 @@ class EMA(AveragedReads):
         self.backend = self._backend_names()
         return plan
 
+    def _follow_sharding(self, live: list[torch.Tensor]) -> None:
+        """Pair every shadow with the layout of its model tensor: a model sharded after
+        the EMA was made gets shard shadows (``distributed.follow_sharding``); any
+        other change of layout raises naming the tensor.  A replaced shadow drops the
+        plan, which holds the old shadows."""
+        for i, (e, s, t) in enumerate(zip(self._tracked.entries, self._shadows, live)):
+            new = _distributed.follow_sharding(e.name, s, t)
+            if new is not s:
+                self._shadows[i] = new
+                self._plan = None
+
     def _follow_devices(self, live: list[torch.Tensor]) -> None:
         """Shadows made beside a tensor (``device=None``) move when that tensor moved."""
         if self._device is None:
             for i, (s, t) in enumerate(zip(self._shadows, live)):
-                if s.device != t.device:
-                    self._shadows[i] = s.to(t.device)
+                s_local, t_local = _distributed.local(s), _distributed.local(t)
+                if s_local.device != t_local.device:
+                    self._shadows[i] = _distributed.wrap_like(s, s_local.to(t_local.device))
 
-    def _split(self, live):
+    def _split(self, local):
+        """(averaged shadows, params, copied shadows, params), all local tensors."""
         ema_s, ema_p, copy_s, copy_p = [], [], [], []
-        for e, s, t in zip(self._tracked.entries, self._shadows, live):
+        shadows = _distributed.locals_of(self._shadows)
+        for e, s, t in zip(self._tracked.entries, shadows, local):
             if e.averaged:
                 if not _validate.lossless(t.dtype, s.dtype):
                     raise TypeError(f"EMA: tensor {e.name!r} is now {t.dtype} but its shadow is "
@@ -254,23 +274,32 @@ class EMA(AveragedReads):
 
     def _backend_names(self) -> str:
         names = {d: _backend.select(self._backend_request, d).name
-                 for d in {s.device for s, e in zip(self._shadows, self._tracked.entries)
-                           if e.averaged}}
+                 for d in {_distributed.local(s).device for s, e in
+                           zip(self._shadows, self._tracked.entries) if e.averaged}}
         if len(set(names.values())) <= 1:
             return next(iter(names.values()), "none")
         return ",".join(f"{d}={n}" for d, n in sorted(names.items(), key=str))
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
-        """Shadows and counters; loads with ``torch.load(weights_only=True)``."""
+        """Shadows and counters; loads with ``torch.load(weights_only=True)``.
+
+        Shadows of DTensors are DTensors, so ``torch.distributed.checkpoint`` can save
+        ``{"ema": ema}`` (an ``EMA`` is DCP ``Stateful``) shard by shard and reshard it
+        on load, across world sizes."""
         self._not_swapped("state_dict")
+        self._sync_sharding()
         return _checkpoint.state_of(self)
 
     def load_state_dict(self, state_dict: dict, strict: bool = True) -> None:
         """Load :meth:`state_dict` output; checks everything before changing anything.
 
         Missing or unexpected shadows raise under ``strict``; keys with ``module.`` or
-        ``_orig_mod.`` segments match their plain names; nothing is ever downcast.
+        ``_orig_mod.`` segments match their plain names; nothing is ever downcast.  A
+        DTensor shadow takes a DTensor of its own mesh and placements, or a full plain
+        tensor (each rank copies its shard of it); sharded checkpoints of another
+        layout need ``torch.distributed.checkpoint``, which reshards.
         """
         self._not_swapped("load_state_dict")
+        self._sync_sharding()
         _checkpoint.load_into(self, state_dict, strict)
