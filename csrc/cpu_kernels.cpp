@@ -33,7 +33,7 @@
 
 namespace {
 
-using ema_fused::check_overlaps;
+using ema_fused::CheckedPairSets;
 using ema_fused::check_pairs;
 using ema_fused::Kind;
 using ema_fused::kFloat;
@@ -162,7 +162,8 @@ struct Chunk { RangeFn fn; void* a; void* b; int64_t n; };
 std::vector<Chunk> plan(const char* op, at::TensorList a, at::TensorList b, Kind kind,
                         Kind names) {
   const std::vector<Pair> pairs = check_pairs(op, a, b, names, at::Device(at::kCPU));
-  check_overlaps(op, pairs, names);
+  static CheckedPairSets checked;
+  checked.check(op, pairs, names);
   std::vector<Chunk> chunks;
   for (const Pair& p : pairs) {
     RangeFn fn = nullptr;

@@ -58,21 +58,6 @@ constexpr size_t kCacheSize = 16;
 std::mutex cache_mutex;
 std::list<Table> cache;
 
-// The overlap check depends on whether the second list is written (a swap), so that
-// is part of the key too; the words themselves do not depend on the kind.
-std::vector<int64_t> key_of(const std::vector<Pair>& pairs, const at::Device& device, Kind kind) {
-  std::vector<int64_t> key;
-  key.reserve(2 + 3 * pairs.size());
-  key.push_back(device.index());
-  key.push_back(kind == Kind::Swap);
-  for (const Pair& p : pairs) {
-    key.push_back(static_cast<int64_t>(reinterpret_cast<uintptr_t>(p.a)));
-    key.push_back(static_cast<int64_t>(reinterpret_cast<uintptr_t>(p.b)));
-    key.push_back(p.numel * 16 + p.code_a * 4 + p.code_b);
-  }
-  return key;
-}
-
 // What a launch needs of a table; holding `words` keeps it alive until the launch is
 // enqueued even if another thread evicts it meanwhile.
 struct Launchable {
@@ -109,7 +94,7 @@ void admit_stream(Table& table, const c10::cuda::CUDAStream& stream, bool captur
 // The table for exactly these pairs, built on a miss, usable on `stream`.
 Launchable table_for(const char* op, const std::vector<Pair>& pairs, Kind kind,
                      const at::Device& device, const c10::cuda::CUDAStream& stream) {
-  std::vector<int64_t> key = key_of(pairs, device, kind);
+  std::vector<int64_t> key = key_of(pairs, device.index(), kind);
   const bool capturing =
       c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
   std::lock_guard<std::mutex> lock(cache_mutex);

@@ -8,6 +8,8 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <list>
+#include <mutex>
 #include <vector>
 
 #include "multi_tensor.h"
@@ -135,5 +137,51 @@ inline void check_overlaps(const char* op, const std::vector<Pair>& pairs, Kind 
     open.push_back(&s);
   }
 }
+
+// Everything check_overlaps depends on: every pair's addresses, size and dtypes, and
+// whether the second list is written (a swap).  The CUDA table cache uses it as its key.
+inline std::vector<int64_t> key_of(const std::vector<Pair>& pairs, int64_t device_index,
+                                   Kind kind) {
+  std::vector<int64_t> key;
+  key.reserve(2 + 3 * pairs.size());
+  key.push_back(device_index);
+  key.push_back(kind == Kind::Swap);
+  for (const Pair& p : pairs) {
+    key.push_back(static_cast<int64_t>(reinterpret_cast<uintptr_t>(p.a)));
+    key.push_back(static_cast<int64_t>(reinterpret_cast<uintptr_t>(p.b)));
+    key.push_back(p.numel * 16 + p.code_a * 4 + p.code_b);
+  }
+  return key;
+}
+
+// check_overlaps for callers without a table cache (the CPU kernels): the last few pair
+// sets that passed are remembered by key, so an unchanged set (every EMA update) costs a
+// comparison of 3 words per pair instead of a sort (500 pairs of 16 elements on the
+// 2-core VM, kernel_update_ per call: 110 us without an overlap check, 130 us sorting
+// every call, 121 us with this cache).
+class CheckedPairSets {
+ public:
+  void check(const char* op, const std::vector<Pair>& pairs, Kind kind) {
+    std::vector<int64_t> key = key_of(pairs, -1, kind);
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      for (auto it = keys_.begin(); it != keys_.end(); ++it) {
+        if (*it == key) {
+          keys_.splice(keys_.begin(), keys_, it);
+          return;
+        }
+      }
+    }
+    check_overlaps(op, pairs, kind);
+    std::lock_guard<std::mutex> lock(mutex_);
+    keys_.push_front(std::move(key));
+    if (keys_.size() > kSets) keys_.pop_back();
+  }
+
+ private:
+  static constexpr size_t kSets = 8;
+  std::mutex mutex_;
+  std::list<std::vector<int64_t>> keys_;  // most recently used first
+};
 
 }  // namespace ema_fused

@@ -149,13 +149,16 @@ def ema_update_(shadows: Tensors, params: Tensors, weight: float, *, backend: st
 
     With ``weight = 1 - decay`` this is one EMA step.  Shadows and params may be
     float32/bfloat16/float16/float64 in any pairing; the math runs in at least fp32
-    and rounds once into the shadow's dtype.  Pairs must match in shape and device.
-    Raises (naming the tensor index) before writing anything if an input is bad.
+    and rounds once into the shadow's dtype.  Pairs must match in shape and device, and
+    must not share memory with each other (a shadow given twice, overlapping views, a
+    shadow another pair reads as its param): every pair is updated at once.  Raises
+    (naming the tensor index) before writing anything if an input is bad.
 
     Args:
         shadows: tensors updated in place.
         params: tensors read, one per shadow.
-        weight: a Python number in [0, 1]; 0 leaves the shadows, 1 copies the params.
+        weight: a Python number in [0, 1]; 0 leaves the shadows untouched (not even
+            read, so an Inf param cannot make a NaN shadow), 1 copies the params exactly.
             Or a 1-element float32 tensor on the shadows' device, read on the device
             (graph-safe: a captured CUDA graph replays with its value at replay time;
             its value is not checked, as that would sync with the host).
