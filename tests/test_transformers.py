@@ -130,12 +130,18 @@ def test_ema_and_evaluations_match_a_hand_replay(tmp_path):
     assert_state_equal(snapshot(trainer.model), states[-1])
 
 
-def test_copy_to_model_at_end_and_evaluate_with_ema_false(tmp_path):
-    probe, cb = Probe(), EMACallback(DECAY, evaluate_with_ema=False, copy_to_model_at_end=True)
-    trainer = _trainer(tmp_path, [probe, cb], max_steps=2, eval_strategy="steps", eval_steps=2)
+@pytest.mark.parametrize("with_ema", [False, True])
+def test_epoch_evaluation_and_copy_to_model_at_end(tmp_path, with_ema):
+    probe = Probe()
+    cb = EMACallback(DECAY, evaluate_with_ema=with_ema, copy_to_model_at_end=True)
+    trainer = _trainer(tmp_path, [probe, cb], max_steps=-1, num_train_epochs=1,
+                       eval_strategy="epoch")
     trainer.train()
-    assert_state_equal(probe.evals[0][1], probe.rec.states[-1])  # evaluated raw
-    assert_state_equal(snapshot(trainer.model), cb.ema.averaged_weights())
+    assert [s for s, _, _ in probe.evals] == [4, 4]  # 32 samples / 4 / 2: one epoch
+    expected = cb.ema.averaged_weights() if with_ema else probe.rec.states[-1]
+    for _, weights, _ in probe.evals:
+        assert_state_equal(weights, expected)
+    assert_state_equal(snapshot(trainer.model), cb.ema.averaged_weights())  # copied at end
 
 
 def test_resume_is_bit_identical(tmp_path):

@@ -134,7 +134,8 @@ class EMACallback(Callback):
         # of the initial weights (the sanity check runs before any update).
         if ema is not None and ema.decay is not None and self._swap is None:
             self._swap = contextlib.ExitStack()
-            self._swap.enter_context(ema.average_parameters())
+            # into the module being evaluated, which trainer.validate(other) may have changed
+            self._swap.enter_context(ema.average_parameters(pl_module))
 
     def _swap_out(self) -> None:
         if self._swap is not None:
