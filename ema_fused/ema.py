@@ -303,3 +303,14 @@ class EMA(AveragedReads):
         self._not_swapped("load_state_dict")
         self._sync_sharding()
         _checkpoint.load_into(self, state_dict, strict)
+
+    # ------------------------------------------------------------------ training loops
+    def attach(self, optimizer: torch.optim.Optimizer) -> "_hooks.AttachHandle":
+        """Call :meth:`update` after every real step of ``optimizer``; returns a handle
+        whose ``remove()`` detaches it.
+
+        A step that ``GradScaler`` skips (inf/NaN gradients) is not counted.  Wrapped
+        optimizers (accelerate, Lightning) are hooked at the optimizer that really steps.
+        """
+        from . import _hooks  # here, not at the top: keeps this file's imports as they are
+        return _hooks.attach(self, optimizer)
