@@ -239,44 +239,84 @@ def test_manual_optimization_with_two_optimizers():
 _SHARDED = """
 import sys
 import lightning.pytorch as pl
+import torch
+from torch.distributed.tensor import DTensor
 sys.path.insert(0, {tests!r})
-from test_lightning import Tiny, TRAIN
+from test_lightning import DECAY, TRAIN, VAL, Tiny, _model
+from trajectory import replay, snapshot
 from ema_fused.integrations.lightning import EMACallback
-from ema_fused.integrations._sharding import refuse_sharded
+
+
+def full(state):
+    return {{k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in state.items()}}
+
 
 class Sharded(Tiny):
     def configure_model(self):
         from torch.distributed.fsdp import fully_shard
         fully_shard(self.net, mesh=self.device_mesh["data_parallel"])
 
+
 model = Sharded()
+model.load_state_dict(_model().state_dict())
+initial = snapshot(model)  # before fit: configure_model shards it
+cb = EMACallback(DECAY)
 trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=pl.strategies.ModelParallelStrategy(),
-                     max_steps=1, logger=False, enable_progress_bar=False,
-                     enable_checkpointing=False, callbacks=[EMACallback()])
-try:
-    trainer.fit(model, TRAIN)
-except NotImplementedError as e:
-    print("REFUSED:", e)
-try:
-    refuse_sharded(model, None)  # FSDP2 made the parameters DTensors
-except NotImplementedError as e:
-    print("REFUSED:", e)
+                     max_steps=4, accumulate_grad_batches=2, val_check_interval=4, logger=False,
+                     enable_progress_bar=False, enable_checkpointing=False,
+                     enable_model_summary=False, num_sanity_val_steps=0, callbacks=[cb])
+trainer.fit(model, TRAIN, VAL)
+ours = dict(cb.ema.named_shadows())
+params = {{n for n, _ in model.named_parameters()}}  # FSDP2 shards params, not buffers
+assert all(isinstance(ours[n], DTensor) for n in params), ours
+states = [full(s) for s in model.recorder.states]
+ref = dict(replay(initial, _model(), states, decay=DECAY).named_shadows())
+assert ours.keys() == ref.keys()
+for name, shadow in ours.items():
+    got = shadow.full_tensor() if isinstance(shadow, DTensor) else shadow
+    assert torch.equal(got, ref[name]), name
+step, weights, _ = model.seen[-1]
+for name, value in full(weights).items():  # validation ran on the EMA weights
+    assert torch.equal(value.float(), ref[name].float()), name
+for name, value in full(snapshot(model)).items():  # and the raw ones are back, exactly
+    assert torch.equal(value, states[-1][name]), name
+import types
+from ema_fused.integrations.transformers import _sharding
+assert _sharding(types.SimpleNamespace(fsdp="full_shard"), model) is None  # FSDP2: followed
+print("SHARDED OK", len(states), "steps")
 """
 
 
-def test_sharded_strategy_is_refused_with_a_clear_error():
-    """ModelParallelStrategy + FSDP2 on the CPU (gloo, one process), in a subprocess so
-    that its process group does not outlive the test."""
+def test_model_parallel_strategy_averages_the_shards_without_a_gather():
+    """ModelParallelStrategy + FSDP2 on the CPU (gloo, one process; in a subprocess so
+    that its process group does not outlive the test): the callback's shadows are DTensors,
+    bit for bit the reference EMA of the recorded trajectory, validation sees them, and
+    the raw weights come back."""
     import os
     import subprocess
     import sys
     tests = os.path.dirname(__file__)
     out = subprocess.run([sys.executable, "-c", _SHARDED.format(tests=tests)],
                          capture_output=True, text=True, timeout=240)
-    refusals = [line for line in out.stdout.splitlines() if line.startswith("REFUSED:")]
-    assert len(refusals) == 2, out.stdout + out.stderr
-    assert "(ModelParallelStrategy)" in refusals[0] and "not average sharded" in refusals[0]
-    assert "(DTensor parameters or buffers)" in refusals[1]
+    assert "SHARDED OK 4 steps" in out.stdout, out.stdout + out.stderr[-4000:]
+
+
+def test_fsdp1_and_deepspeed_are_refused_with_a_clear_error():
+    """FSDP1 flattens parameters into its own buffers (and needs a GPU in Lightning):
+    the callback refuses it at fit start, naming the strategy and what works instead."""
+    import types
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from ema_fused.integrations._sharding import refuse_unsupported_sharding
+    from ema_fused.integrations.lightning import _sharding_strategy
+
+    assert _sharding_strategy(types.SimpleNamespace(strategy=FSDPStrategy())) == "FSDPStrategy"
+    assert _sharding_strategy(types.SimpleNamespace(
+        strategy=pl.strategies.ModelParallelStrategy())) is None
+    with pytest.raises(NotImplementedError, match=r"sharded by FSDPStrategy.*Use FSDP2"):
+        refuse_unsupported_sharding("FSDPStrategy")
+    refuse_unsupported_sharding(None)
 
 
 @pytest.mark.gpu

@@ -191,3 +191,18 @@ def test_bf16_model_on_cuda_keeps_fp32_shadows(tmp_path):
     assert all(s.dtype == torch.float32 and s.is_cuda
                for n, s in cb.ema.named_shadows() if "num_batches" not in n)
     assert_same_shadows(cb.ema, replay(probe.initial, model, probe.rec.states, decay=DECAY))
+
+
+def test_fsdp1_is_refused_naming_it():
+    """``TrainingArguments.fsdp`` over a model without DTensors is FSDP1 (flat parameters):
+    refused at train begin; FSDP2 (DTensor parameters) is followed (test_lightning.py)."""
+    import types
+
+    from ema_fused.integrations._sharding import refuse_unsupported_sharding
+    from ema_fused.integrations.transformers import _sharding
+
+    plain = nn.Linear(3, 2)
+    assert _sharding(types.SimpleNamespace(fsdp="full_shard"), plain) == "TrainingArguments.fsdp (FSDP1)"
+    assert _sharding(types.SimpleNamespace(fsdp=""), plain) is None
+    with pytest.raises(NotImplementedError, match=r"FSDP1.*fsdp_version=2"):
+        refuse_unsupported_sharding(_sharding(types.SimpleNamespace(fsdp="full_shard"), plain))

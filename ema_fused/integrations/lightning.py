@@ -25,16 +25,18 @@ from lightning.pytorch.callbacks import Callback
 
 from .. import _hooks, migrate
 from ..ema import EMA
-from ._sharding import refuse_sharded
+from ._sharding import refuse_unsupported_sharding
 
 _RAW_KEY = "current_model_state"  # where the raw weights go when the average is exported
 
 
 def _sharding_strategy(trainer: "pl.Trainer") -> Optional[str]:
-    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+    """The strategy's name if it shards in a way EMA cannot follow (FSDP1, DeepSpeed);
+    ModelParallelStrategy (FSDP2, tensor parallel: DTensors) is followed shard by shard."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
     strategy = trainer.strategy
     return type(strategy).__name__ if isinstance(strategy, (FSDPStrategy,
-                                                           ModelParallelStrategy)) else None
+                                                           DeepSpeedStrategy)) else None
 
 
 class EMACallback(Callback):
@@ -103,7 +105,7 @@ class EMACallback(Callback):
 
     # ------------------------------------------------------------------ training
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        refuse_sharded(pl_module, _sharding_strategy(trainer))
+        refuse_unsupported_sharding(_sharding_strategy(trainer))
         if self.ema is None or self._module is not pl_module:
             self._make(pl_module)
         self._step_hooks = [_hooks.on_real_step(opt, self._mark_step) for opt in trainer.optimizers]

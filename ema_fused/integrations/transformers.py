@@ -32,14 +32,16 @@ from transformers import TrainerCallback
 
 from .. import _hooks
 from ..ema import EMA
-from ._sharding import refuse_sharded
+from ._sharding import has_dtensor, refuse_unsupported_sharding
 
 STATE_FILE = "ema_fused_state.pt"  # beside the model weights in each checkpoint-N folder
 
 
-def _sharding(args: Any) -> Optional[str]:
-    if getattr(args, "fsdp", None):
-        return "TrainingArguments.fsdp"
+def _sharding(args: Any, model: Any) -> Optional[str]:
+    """What shards ``model`` in a way EMA cannot follow: FSDP1 (``args.fsdp`` whose model
+    holds no DTensor; FSDP2 makes DTensors, followed shard by shard) or ZeRO-3."""
+    if getattr(args, "fsdp", None) and not has_dtensor(model):
+        return "TrainingArguments.fsdp (FSDP1)"
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
     return "DeepSpeed ZeRO-3" if is_deepspeed_zero3_enabled() else None
 
@@ -76,7 +78,7 @@ class EMACallback(TrainerCallback):
 
     # ------------------------------------------------------------------ training
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        refuse_sharded(model, _sharding(args))
+        refuse_unsupported_sharding(_sharding(args, model))
         self.ema = EMA(model, self.decay, **self.ema_kwargs)
         if state.global_step > 0:
             self.ema.load_state_dict(torch.load(self._resume_file(args, state),
