@@ -1,11 +1,12 @@
 """``EMA.state_dict`` / ``load_state_dict``: the format, key matching and load checks."""
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Optional
 
 import torch
 
 from . import distributed as _distributed
+from ._numbers import as_flag, as_int, as_optional_real, as_real
 from ._validate import lossless
 
 FORMAT = "ema_fused.EMA"
@@ -82,6 +83,19 @@ def state_of(ema) -> dict:
     }
 
 
+def counters_of(state_dict: Mapping) -> tuple[int, Optional[float], float, bool]:
+    """``(step, decay, decay_product, bias_correction)`` of a checkpoint, each checked for
+    type and range (a step is an integer >= 0, a decay None or in [0, 1], the product of
+    decays in [0, 1], the flag a bool), before anything is written."""
+    for key in ("step", "decay", "decay_product", "bias_correction"):
+        if key not in state_dict:
+            raise KeyError(f"EMA.load_state_dict: the checkpoint has no {key!r}")
+    return (as_int("EMA.load_state_dict: step", state_dict["step"], 0),
+            as_optional_real("EMA.load_state_dict: decay", state_dict["decay"]),
+            as_real("EMA.load_state_dict: decay_product", state_dict["decay_product"]),
+            as_flag("EMA.load_state_dict: bias_correction", state_dict["bias_correction"]))
+
+
 def load_into(ema, state_dict: dict, strict: bool) -> None:
     """``EMA.load_state_dict()``: every check first, then the copies and counters."""
     if not isinstance(state_dict, Mapping) or state_dict.get("format") != FORMAT:
@@ -89,11 +103,15 @@ def load_into(ema, state_dict: dict, strict: bool) -> None:
     if state_dict.get("version") != VERSION:
         raise ValueError(f"EMA.load_state_dict: version {state_dict.get('version')} is not "
                          f"supported (this ema_fused writes {VERSION})")
-    if bool(state_dict["bias_correction"]) != ema.bias_correction:
+    step, decay, product, bias_correction = counters_of(state_dict)
+    if bias_correction != ema.bias_correction:
         raise ValueError("EMA.load_state_dict: the checkpoint has bias_correction="
-                         f"{state_dict['bias_correction']}, this EMA {ema.bias_correction}")
+                         f"{bias_correction}, this EMA {ema.bias_correction}")
     names = [e.name for e in ema._tracked.entries]
-    theirs = state_dict["shadows"]
+    theirs = state_dict.get("shadows")
+    if not isinstance(theirs, Mapping):
+        raise TypeError("EMA.load_state_dict: 'shadows' must be a mapping of names to tensors, "
+                        f"got {type(theirs).__name__}")
     pairs, missing, unexpected = match_keys(names, theirs)
     if strict and (missing or unexpected):
         raise KeyError(f"EMA.load_state_dict: missing keys {missing}, "
@@ -108,8 +126,6 @@ def load_into(ema, state_dict: dict, strict: bool) -> None:
         for dst, src in copies:
             if src is not dst:  # dcp.load fills the shadows in place, then passes them here
                 dst.copy_(src)
-    ema._step = int(state_dict["step"])
-    ema._decay = state_dict["decay"]
-    ema._decay_product = float(state_dict["decay_product"])
+    ema._step, ema._decay, ema._decay_product = step, decay, product
     if ema._device_schedule is not None:
         ema._device_schedule.load(ema._step, ema._decay, ema._decay_product)

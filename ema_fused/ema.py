@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from . import _checkpoint, _host_path, _validate
+from ._numbers import as_flag, as_int, as_real
 from . import distributed as _distributed
 from .backends import selection as _backend
 from ._capturable import DeviceSchedule
@@ -27,12 +28,6 @@ class _Plan:
         self.groups: Optional[list] = None  # [(backend, shadows, params, prepared)]; None: staged
         self.key: Optional[list] = None  # the Python check, where there is no snapshot
         self.snapshot = None  # _host_path's C++ check, where the extension is loaded
-
-
-def _positive_int(name: str, value: int, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"EMA: {name} must be an integer >= {low}, got {value!r}")
-    return value
 
 
 class EMA(AveragedReads):
@@ -71,7 +66,7 @@ class EMA(AveragedReads):
                  bias_correction: bool = False, exclude: Sequence[str] = (),
                  capturable: bool = False) -> None:
         if schedule is None:
-            schedule = constant(decay)
+            schedule = constant(as_real("EMA: decay", decay))
         elif not callable(schedule):
             raise TypeError(f"EMA: schedule must be callable n -> decay, got {schedule!r}")
         if buffers not in _BUFFER_POLICIES:
@@ -82,9 +77,9 @@ class EMA(AveragedReads):
         if isinstance(exclude, str):
             exclude = (exclude,)
         self.schedule = schedule
-        self.update_after_step = _positive_int("update_after_step", update_after_step, 0)
-        self.update_every = _positive_int("update_every", update_every, 1)
-        self.bias_correction = bool(bias_correction)
+        self.update_after_step = as_int("EMA: update_after_step", update_after_step, 0)
+        self.update_every = as_int("EMA: update_every", update_every, 1)
+        self.bias_correction = as_flag("EMA: bias_correction", bias_correction)
         self._device = torch.device(device) if device is not None else None
         self._backend_request = backend
         _backend.resolve_name(backend)  # unknown names fail now, not at the first update
@@ -98,7 +93,7 @@ class EMA(AveragedReads):
         self._decay: Optional[float] = None
         self.backend: Optional[str] = None
         self._device_schedule: Optional[DeviceSchedule] = None
-        if capturable:
+        if as_flag("EMA: capturable", capturable):
             devices = {_distributed.local(sh).device for sh in self._shadows}
             if len(devices) != 1:
                 raise ValueError(f"EMA: capturable=True needs every shadow on one device, got "
@@ -148,17 +143,30 @@ class EMA(AveragedReads):
         """Advance the average; call after each optimizer step.
 
         ``step`` is the caller's 1-based optimizer step (default: an internal
-        counter, 1 at the first call).  Steps not divisible by ``update_every`` do
-        nothing; steps ``<= update_after_step`` copy the model; others average with
-        ``decay = schedule(step - update_after_step)``.
+        counter, 1 at the first call): an int, a numpy integer or a 0-dim integer
+        tensor (a CUDA one syncs).  A step equal to the last one does nothing (so
+        ``update(step=global_step)`` is right under gradient accumulation); a smaller
+        one raises.  Steps not divisible by ``update_every`` change no shadow; steps
+        ``<= update_after_step`` copy the model; others average with
+        ``decay = schedule(step - update_after_step)``.  An update that raises (a
+        schedule that failed, a changed model) leaves the step where it was.
         """
         self._not_swapped("update")
         if self._device_schedule is not None:
             self._update_on_device(step)
             return
-        step = self._step + 1 if step is None else _positive_int("step", step, 1)
-        self._step = step
+        if step is None:
+            step = self._step + 1
+        else:
+            step = as_int("EMA.update: step", step, 1)
+            if step == self._step:
+                return  # this step is averaged already (gradient accumulation)
+            if step < self._step:
+                raise ValueError(f"EMA.update: step {step} comes before the last step "
+                                 f"{self._step}; steps must not go back (to restart, "
+                                 "load a checkpoint with load_state_dict)")
         if step % self.update_every:
+            self._step = step
             return
         if step <= self.update_after_step:
             decay = 0.0
@@ -167,6 +175,7 @@ class EMA(AveragedReads):
                 "EMA", f"decay from schedule {self.schedule!r} at n={step - self.update_after_step}",
                 self.schedule(step - self.update_after_step))
         self._average(0.0 if decay == 0.0 else 1.0 - decay, copy=decay == 0.0)
+        self._step = step
         self._decay = decay
         self._decay_product *= decay
 

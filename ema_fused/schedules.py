@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from ._numbers import as_real
+
 __all__ = [
     "Schedule", "constant", "num_updates_warmup", "tau_ramp", "power_warmup",
     "half_life", "karras_power", "swa", "sigma_rel_to_gamma",
@@ -18,15 +20,13 @@ __all__ = [
 
 
 def _check_decay(name: str, d: float) -> float:
-    d = float(d)
-    if not (0.0 <= d <= 1.0):  # also rejects NaN
-        raise ValueError(f"{name}: decay must be in [0, 1], got {d}")
-    return d
+    # strict: "0.9" or True must not pass as a decay (float() would take both)
+    return as_real(f"{name}: decay", d)
 
 
 def _check_positive(name: str, what: str, x: float) -> float:
-    x = float(x)
-    if not (x > 0.0 and math.isfinite(x)):
+    x = as_real(f"{name}: {what}", x, 0.0, math.inf)
+    if x == 0.0:
         raise ValueError(f"{name}: {what} must be a positive finite number, got {x}")
     return x
 

@@ -129,11 +129,14 @@ def test_skipped_steps_change_nothing():
     assert ema.decay == 0.5
 
 
-@pytest.mark.parametrize("bad", [0, -3, 1.5, True, "2"])
-def test_bad_steps(bad):
+@pytest.mark.parametrize("bad,error", [(0, ValueError), (-3, ValueError), (1.5, TypeError),
+                                       (True, TypeError), ("2", TypeError),
+                                       (torch.tensor(2.0), TypeError), (torch.tensor([2]), TypeError)])
+def test_bad_steps(bad, error):
     ema = EMA(make_model())
-    with pytest.raises(ValueError, match="step must be an integer >= 1"):
+    with pytest.raises(error, match="step must be an integer"):
         ema.update(bad)
+    assert ema.num_updates == 0
 
 
 @pytest.mark.parametrize("value", [1.5, -0.1, float("nan")])
