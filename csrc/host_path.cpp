@@ -31,6 +31,7 @@ struct Layout {
   const void* data = nullptr;
   at::ScalarType dtype = at::kFloat;
   at::Device device = at::kCPU;
+  bool requires_grad = false;  // a frozen parameter that became trainable is a model change
   c10::SmallVector<int64_t, 4> sizes, strides;
 
   static bool data_of(const at::Tensor& t, const void** out) {
@@ -41,7 +42,8 @@ struct Layout {
 
   explicit Layout(const at::Tensor& t)
       : impl(t.unsafeGetTensorImpl()), dtype(t.scalar_type()), device(t.device()),
-        sizes(t.sizes().begin(), t.sizes().end()), strides(t.strides().begin(), t.strides().end()) {
+        requires_grad(t.requires_grad()), sizes(t.sizes().begin(), t.sizes().end()),
+        strides(t.strides().begin(), t.strides().end()) {
     TORCH_CHECK(data_of(t, &data), "Snapshot: a tensor without storage cannot be watched");
   }
 
@@ -49,7 +51,8 @@ struct Layout {
     const void* now = nullptr;
     return t.unsafeGetTensorImpl() == impl && data_of(t, &now) && now == data &&
            t.scalar_type() == dtype && t.device() == device &&
-           t.sizes() == c10::IntArrayRef(sizes) && t.strides() == c10::IntArrayRef(strides);
+           t.requires_grad() == requires_grad && t.sizes() == c10::IntArrayRef(sizes) &&
+           t.strides() == c10::IntArrayRef(strides);
   }
 };
 

@@ -65,7 +65,8 @@ def snapshot(tracked: Tracked, live: Sequence[torch.Tensor],
         slot_dicts[i], slot_keys[i] = {0: local[i]}, 0  # always holds it: layout checks only
     try:
         snap = _extension.module().Snapshot(link_dicts, link_keys, link_children, sized,
-                                            slot_dicts, slot_keys, local, locals_of(shadows))
+                                            slot_dicts, slot_keys, local,
+                                            locals_of(list(shadows) + tracked.frozen_tensors()))
     except (RuntimeError, TypeError):  # e.g. a tensor without storage: use the Python path
         return None
     if not sharded:

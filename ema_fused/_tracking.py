@@ -3,8 +3,9 @@
 Tensors are never cached: each read goes through the owning module's
 ``_parameters`` / ``_buffers`` dict (or the tensor object the user passed), so
 ``model.to(...)``, ``p.data = ...`` and ``load_state_dict(assign=True)`` are
-followed and old storage is never touched.  Removed, added or reshaped tensors
-raise :class:`ModelChangedError` naming them.
+followed and old storage is never touched.  Removed, added or reshaped tensors, ties
+that came apart or together, and frozen parameters that became trainable raise
+:class:`ModelChangedError` naming them (the checks are in :mod:`._model_checks`).
 """
 from __future__ import annotations
 
@@ -15,11 +16,13 @@ from typing import Iterable, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from ._model_checks import (ModelChangedError, Slot, check_frozen, check_holdable, check_ties,
+                            resolve, unwrap)
+from ._validate import FLOAT_DTYPES
+
+__all__ = ["ModelChangedError", "Tracked", "Entry", "Source", "unwrap"]
+
 Source = Union[nn.Module, Sequence[torch.Tensor]]
-
-
-class ModelChangedError(RuntimeError):
-    """The model no longer has the tensors the EMA was made for."""
 
 
 @dataclass
@@ -33,13 +36,11 @@ class Entry:
     shape: torch.Size
 
 
-def unwrap(source: object) -> object:
-    """The model inside a ``DistributedDataParallel`` / ``DataParallel`` wrapper (which
-    hold one full replica each): ``EMA(ddp_model)`` and ``EMA(ddp_model.module)`` then
-    track the same tensors under the same names, without the ``module.`` segment."""
-    while isinstance(source, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-        source = source.module
-    return source
+class _ListOwner:
+    """A tensor list seen as a module whose parameters are its items (for the slot checks)."""
+
+    def __init__(self, items: dict) -> None:
+        self._parameters, self._buffers = items, {}
 
 
 def _matches(name: str, patterns: Sequence[str]) -> bool:
@@ -50,15 +51,18 @@ class Tracked:
     """The distinct tensors of a module (named as in its state_dict) or of a tensor list."""
 
     def __init__(self, source: Union[nn.Module, Iterable[torch.Tensor]], buffers: str,
-                 exclude: Sequence[str]) -> None:
+                 exclude: Sequence[str], trainable_only: bool = False) -> None:
         source = unwrap(source)
         self.module: Optional[nn.Module] = source if isinstance(source, nn.Module) else None
         self.entries: list[Entry] = []
         self.aliases: dict[str, int] = {}  # every name (aliases too) -> entry index
+        self.alias_slots: list[Slot] = []  # names that share an entry's tensor (tied)
+        self.frozen: list[Slot] = []  # parameters trainable_only=True left out
         if self.module is not None:
-            self._from_module(self.module, buffers, exclude)
+            self._from_module(self.module, buffers, exclude, trainable_only)
         else:
             self.tensors = list(source)
+            seen: dict[int, int] = {}
             for i, t in enumerate(self.tensors):
                 if not isinstance(t, torch.Tensor):
                     raise TypeError(f"EMA: item {i} of the parameter list is a "
@@ -66,7 +70,10 @@ class Tracked:
                 name = str(i)
                 if _matches(name, exclude):
                     continue
-                self._add(name, "", name, False, t, {})
+                if trainable_only and not t.requires_grad:
+                    self.frozen.append(Slot(name, "", name, False, -1))
+                    continue
+                self._add(name, "", name, False, t, seen)
         if not self.entries:
             raise ValueError("EMA: nothing to average: no tensors left after applying "
                              f"buffers={buffers!r} and exclude={list(exclude)!r}")
@@ -77,13 +84,18 @@ class Tracked:
                             "not supported, leave them out with exclude=[...]")
         if id(t) in seen:  # tied weights, shared modules: one shadow, several names
             self.aliases[name] = seen[id(t)]
+            self.alias_slots.append(Slot(name, path, key, is_buffer, seen[id(t)]))
             return
+        check_holdable(name, t)
         seen[id(t)] = len(self.entries)
         self.aliases[name] = len(self.entries)
-        averaged = t.is_floating_point() and averaged_buffers
+        # float8 and other floats the kernels and foreach do no math in are copied, like
+        # integer tensors: never averaged (README "What is averaged")
+        averaged = t.dtype in FLOAT_DTYPES and averaged_buffers
         self.entries.append(Entry(name, path, key, is_buffer, averaged, t.shape))
 
-    def _from_module(self, model: nn.Module, buffers: str, exclude: Sequence[str]) -> None:
+    def _from_module(self, model: nn.Module, buffers: str, exclude: Sequence[str],
+                     trainable_only: bool) -> None:
         param_ids = {id(p) for _, p in model.named_parameters(remove_duplicate=False)}
         seen: dict[int, int] = {}
         state = model.state_dict(keep_vars=True)
@@ -99,6 +111,9 @@ class Tracked:
                 raise TypeError(f"EMA: state_dict entry {name!r} is not a parameter or buffer "
                                 "of its module (a state_dict hook changed it); exclude it")
             if is_buffer and buffers == "ignore":
+                continue
+            if trainable_only and not is_buffer and not t.requires_grad:
+                self.frozen.append(Slot(name, path, key, False, -1))
                 continue
             self._add(name, path, key, is_buffer, t, seen,
                       averaged_buffers=not (is_buffer and buffers == "copy"))
@@ -144,13 +159,21 @@ class Tracked:
         if len(tensors) != len(self.tensors):
             raise ModelChangedError(f"EMA: expected {len(self.tensors)} tensors, got {len(tensors)}")
         out = [tensors[int(e.key)] for e in self.entries]
+        slots = {s.key: tensors[int(s.key)] for s in self.alias_slots + self.frozen}
+        self._check_slots(out, {"": _ListOwner(slots)})
         return self.check_shapes(out) if check_shapes else out
 
     def _read_module(self, model: nn.Module) -> list[torch.Tensor]:
-        mods = self._modules_of(model)
-        if mods is None or (model is self.module and self._tree_shape(mods) != self._shape):
-            self._explain_structure_change(model)
+        if model is self.module:
             mods = self._modules_of(model)
+            if mods is None or self._tree_shape(mods) != self._shape:
+                self._explain_structure_change(model)
+                mods = self._modules_of(model)
+            missing = "the model has no tensor {!r} any more"
+        else:  # another model (an eval copy, the module inside a wrapper): match by path
+            paths = {s.module_path for s in self.entries + self.alias_slots + self.frozen}
+            mods = {p: resolve(model, p) for p in paths}
+            missing = "the model given has no tensor {!r} (the EMA was made for another model)"
         out = []
         for e in self.entries:
             owner = mods.get(e.module_path) if mods is not None else None
@@ -158,8 +181,28 @@ class Tracked:
             if owner is not None:
                 t = (owner._buffers if e.is_buffer else owner._parameters).get(e.key)
             if t is None:
-                raise ModelChangedError(f"EMA: the model has no tensor {e.name!r} any more")
+                raise ModelChangedError("EMA: " + missing.format(e.name))
             out.append(t)
+        self._check_slots(out, mods)
+        return out
+
+    def _check_slots(self, out: list[torch.Tensor], mods: dict) -> None:
+        if self.alias_slots or len(out) > 1:
+            check_ties([e.name for e in self.entries], out, self.alias_slots, mods)
+        if self.frozen:
+            check_frozen(self.frozen, mods)
+
+    def frozen_tensors(self) -> list[torch.Tensor]:
+        """The frozen parameters left out by ``trainable_only=True``, as they are now."""
+        if self.module is None:
+            return [self.tensors[int(s.key)] for s in self.frozen]
+        mods = self._modules_of(self.module) or {}
+        out = []
+        for s in self.frozen:
+            owner = mods.get(s.module_path)
+            t = owner._parameters.get(s.key) if owner is not None else None
+            if t is not None:
+                out.append(t)
         return out
 
     def watch_lists(self) -> Optional[tuple[list, list, list, list, list, list]]:
@@ -185,6 +228,14 @@ class Tracked:
             owner = mods[e.module_path]
             slot_dicts.append(owner._buffers if e.is_buffer else owner._parameters)
             slot_keys.append(e.key)
+        # aliases and frozen parameters: their slots must keep holding the same objects
+        # (an untied weight, a replaced frozen parameter); a link checks just that
+        for s in self.alias_slots + self.frozen:
+            table = mods[s.module_path]._buffers if s.is_buffer else mods[s.module_path]._parameters
+            if table.get(s.key) is not None:
+                link_dicts.append(table)
+                link_keys.append(s.key)
+                link_children.append(table[s.key])
         return link_dicts, link_keys, link_children, sized, slot_dicts, slot_keys
 
     def check_shapes(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:

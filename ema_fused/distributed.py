@@ -18,7 +18,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ._tracking import ModelChangedError
+from ._errors import ModelChangedError
 
 
 def _dtensor_class() -> Optional[type]:

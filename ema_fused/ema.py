@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from . import _checkpoint, _host_path, _validate
+from ._model_checks import check_not_meta
 from ._numbers import as_flag, as_int, as_real
 from . import distributed as _distributed
 from .backends import selection as _backend
@@ -56,6 +57,12 @@ class EMA(AveragedReads):
             CUDA graph of ``update()`` replays correctly with a changing decay (needs a
             schedule from :mod:`ema_fused.schedules` and all shadows on one device;
             ``update()`` then takes no ``step``; reading ``decay``/``num_updates`` syncs).
+        trainable_only: leave out parameters with ``requires_grad=False`` (frozen
+            weights: no shadow, never read or written); one that becomes trainable
+            later raises :class:`ModelChangedError` naming it.  Buffers follow ``buffers``.
+
+    Every public method may be called from several threads: they serialize, and a call
+    refused because another thread is inside :meth:`average_parameters` changes nothing.
     """
 
     def __init__(self, model_or_params: Union[nn.Module, Iterable[torch.Tensor]],
@@ -64,7 +71,7 @@ class EMA(AveragedReads):
                  dtype: Optional[torch.dtype] = torch.float32,
                  device: Optional[Union[torch.device, str]] = None, backend: str = "auto",
                  bias_correction: bool = False, exclude: Sequence[str] = (),
-                 capturable: bool = False) -> None:
+                 capturable: bool = False, trainable_only: bool = False) -> None:
         if schedule is None:
             schedule = constant(as_real("EMA: decay", decay))
         elif not callable(schedule):
@@ -83,7 +90,10 @@ class EMA(AveragedReads):
         self._device = torch.device(device) if device is not None else None
         self._backend_request = backend
         _backend.resolve_name(backend)  # unknown names fail now, not at the first update
-        self._tracked = Tracked(model_or_params, buffers, tuple(exclude))
+        if self._device is not None and self._device.type == "meta":
+            raise ValueError("EMA: device='meta' cannot hold an average; pick a real device")
+        self._tracked = Tracked(model_or_params, buffers, tuple(exclude),
+                                as_flag("EMA: trainable_only", trainable_only))
         with torch.no_grad():
             self._shadows = [self._make_shadow(e, t, dtype) for e, t in
                              zip(self._tracked.entries, self._tracked.read())]
@@ -231,6 +241,8 @@ class EMA(AveragedReads):
             return self._plan
         self._plan = None  # a failed check below must not leave the old plan in use
         self._tracked.check_shapes(live)
+        for e, t in zip(self._tracked.entries, live):
+            check_not_meta(e.name, t)  # never follow a model to meta: the average would go
         self._follow_sharding(live)
         self._follow_devices(live)
         plan = _Plan(*self._split(local))
