@@ -9,6 +9,7 @@ communicates.
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Iterator, Optional
 
 import torch
@@ -68,10 +69,11 @@ class AveragedReads:
     def named_shadows(self) -> Iterator[tuple[str, torch.Tensor]]:
         """``(name, shadow)`` for every tracked name (raw shadows, no bias correction;
         DTensors where the model's tensors are DTensors)."""
-        self._not_swapped("named_shadows")
-        self._sync_sharding()
-        for name, i in self._tracked.aliases.items():
-            yield name, self._shadows[i]
+        with self._lock:
+            self._guard("named_shadows", reads_shadows=True)
+            self._sync_sharding()
+            pairs = [(name, self._shadows[i]) for name, i in self._tracked.aliases.items()]
+        return iter(pairs)
 
     def averaged_weights(self, full_state_dict: bool = False,
                          cpu_offload: bool = False) -> dict[str, torch.Tensor]:
@@ -84,7 +86,11 @@ class AveragedReads:
         ``full_state_dict=True`` only global rank 0 gets them (the others get ``{}``):
         ready for ``torch.save`` or safetensors.
         """
-        self._not_swapped("averaged_weights")
+        with self._lock:
+            self._guard("averaged_weights", reads_shadows=True)
+            return self._averaged_weights(bool(full_state_dict), bool(cpu_offload))
+
+    def _averaged_weights(self, full_state_dict: bool, cpu_offload: bool) -> dict:
         self._sync_sharding()
         scale = self._read_scale()
         entries = self._tracked.entries
@@ -94,15 +100,18 @@ class AveragedReads:
             return s * scale if entries[i].averaged and scale != 1.0 else s.clone()
 
         with torch.no_grad():
-            values = _distributed.export(self._shadows, read, bool(full_state_dict),
-                                         bool(cpu_offload))
+            values = _distributed.export(self._shadows, read, full_state_dict, cpu_offload)
         if values is None:
             return {}
         return {name: values[i] for name, i in self._tracked.aliases.items()}
 
     def copy_to(self, model: Optional[Source] = None) -> None:
         """Write the averaged weights into ``model`` (default: the tracked model)."""
-        self._not_swapped("copy_to")
+        with self._lock:
+            self._guard("copy_to")
+            self._copy_to(model)
+
+    def _copy_to(self, model: Optional[Source]) -> None:
         scale = self._read_scale()
         targets = self._read_locals(model)
         pairs = list(zip(self._tracked.entries, targets, _distributed.locals_of(self._shadows)))
@@ -115,23 +124,28 @@ class AveragedReads:
 
     def store(self, model: Optional[Source] = None) -> None:
         """Keep a copy of the model's current tensors for :meth:`restore`."""
-        self._not_swapped("store")
-        with torch.no_grad():
-            self._backup = [t.clone() for t in self._read_locals(model)]
+        with self._lock:
+            self._guard("store")
+            with torch.no_grad():
+                self._backup = [t.clone() for t in self._read_locals(model)]
 
     def restore(self, model: Optional[Source] = None) -> None:
         """Put back the tensors saved by :meth:`store` (and forget them)."""
-        if self._backup is None:
-            raise RuntimeError("EMA.restore: nothing stored; call store() first")
-        targets = self._read_locals(model)
-        for e, t, b in zip(self._tracked.entries, targets, self._backup):
+        with self._lock:
+            self._guard("restore")
+            if self._backup is None:
+                raise RuntimeError("EMA.restore: nothing stored; call store() first")
+            self._put_back(self._read_locals(model), self._backup)
+            self._backup = None
+
+    def _put_back(self, targets: list[torch.Tensor], backup: list[torch.Tensor]) -> None:
+        for e, t, b in zip(self._tracked.entries, targets, backup):
             if t.shape != b.shape:  # the model was resharded since store(): nothing written
                 raise ModelChangedError(f"EMA.restore: the local shard of {e.name!r} is now "
                                         f"{tuple(t.shape)}, stored {tuple(b.shape)}")
         with torch.no_grad():
-            for t, b in zip(targets, self._backup):
+            for t, b in zip(targets, backup):
                 t.copy_(b)
-        self._backup = None
 
     @contextlib.contextmanager
     def average_parameters(self, model: Optional[Source] = None) -> Iterator[None]:
@@ -139,29 +153,50 @@ class AveragedReads:
 
         When every shadow has its model tensor's dtype and device (and there is no bias
         correction to apply) the two are swapped in place, twice, with no backup copy of
-        the model; otherwise the model is stored, overwritten and restored.
+        the model; otherwise the model is saved, overwritten and put back.  Either way the
+        tensors' version counters are bumped, so a backward through a forward of the
+        other weights raises autograd's in-place error.  Inside the block the EMA refuses
+        (from any thread) what would change the shadows or the model: ``update``,
+        ``store``/``restore``, ``copy_to``, ``load_state_dict`` and a nested block; on the
+        swap path also the reads of the shadows, which hold the model's weights then.
         """
-        targets = self._read_locals(model)
-        shadows = _distributed.locals_of(self._shadows)
-        if self.bias_correction or any(t.dtype != s.dtype or t.device != s.device
-                                       for t, s in zip(targets, shadows)):
-            self.store(model)
-            try:
-                self.copy_to(model)
-                yield
-            finally:
-                self.restore(model)
-            return
-        self._not_swapped("average_parameters")
-        with torch.no_grad():
-            dispatch("swap", targets, shadows, 0.0, self._backend_request)
-        self._swapped = True
+        with self._lock:
+            self._guard("average_parameters")
+            targets = self._read_locals(model)
+            shadows = _distributed.locals_of(self._shadows)
+            swap = not self.bias_correction and all(
+                t.dtype == s.dtype and t.device == s.device for t, s in zip(targets, shadows))
+            if swap:
+                self._swap(targets, shadows)
+                self._swapped = True
+            else:
+                with torch.no_grad():
+                    backup = [t.clone() for t in targets]
+                self._copy_to(model)
+                torch.autograd.graph.increment_version(targets)
+            self._inside = threading.get_ident()
         try:
             yield
         finally:
-            # a forward inside may have left FSDP2 modules unsharded (holding the EMA
-            # weights): reshard them so that the next forward gathers the model's own
-            _distributed.reshard_fsdp(unwrap(model) if model is not None else self._tracked.module)
-            with torch.no_grad():
-                dispatch("swap", targets, shadows, 0.0, self._backend_request)
-            self._swapped = False
+            with self._lock:
+                try:
+                    if swap:
+                        # a forward inside may have left FSDP2 modules unsharded (holding
+                        # the EMA weights): reshard them so the next forward gathers the
+                        # model's own
+                        _distributed.reshard_fsdp(unwrap(model) if model is not None
+                                                  else self._tracked.module)
+                        self._swap(targets, shadows)
+                    else:
+                        self._put_back(targets, backup)
+                        torch.autograd.graph.increment_version(targets)
+                finally:
+                    self._inside, self._swapped = None, False
+
+    def _swap(self, targets: list[torch.Tensor], shadows: list[torch.Tensor]) -> None:
+        """Exchange model tensors and shadows; the kernels write through raw pointers, so
+        the version counters are bumped here, as an in-place op of torch's would."""
+        with torch.no_grad():
+            dispatch("swap", targets, shadows, 0.0, self._backend_request)
+        torch.autograd.graph.increment_version(targets)
+        torch.autograd.graph.increment_version(shadows)

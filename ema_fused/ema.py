@@ -1,6 +1,8 @@
 """The ``EMA`` class: which tensors, which decay, when; the kernels live below ``ops``."""
 from __future__ import annotations
 
+import functools
+import threading
 from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
@@ -19,6 +21,16 @@ from .ops import group_by_device
 from .schedules import constant
 
 _BUFFER_POLICIES = ("ema", "copy", "ignore")
+
+
+def serialized(method):
+    """Run ``method`` holding the EMA's lock: public methods called from several threads
+    run one at a time (the lock is re-entrant, so they may call each other)."""
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return locked
 
 
 class _Plan:
@@ -113,7 +125,9 @@ class EMA(AveragedReads):
         self._decay_product = 1.0
         self._plan: Optional[_Plan] = None
         self._backup: Optional[list[torch.Tensor]] = None
-        self._swapped = False  # inside average_parameters(): shadows hold the model's weights
+        self._lock = threading.RLock()
+        self._inside: Optional[int] = None  # thread inside average_parameters(), if any
+        self._swapped = False  # ... on the swap path: the shadows hold the model's weights
 
     @property
     def decay(self) -> Optional[float]:
@@ -129,10 +143,34 @@ class EMA(AveragedReads):
             return self._device_schedule.num_updates()
         return self._step
 
-    def _not_swapped(self, what: str) -> None:
-        if self._swapped:
+    def _guard(self, what: str, reads_shadows: bool = False) -> None:
+        """Refuse ``what`` while a thread is inside :meth:`average_parameters` (before it
+        changed anything).  Calls that only read the shadows (``reads_shadows``) are
+        refused only while the shadows hold the model's weights (the swap path)."""
+        if self._inside is None or (reads_shadows and not self._swapped):
+            return
+        where = ("the shadows and the model's weights are swapped" if self._swapped else
+                 "the model holds the averaged weights")
+        if self._inside == threading.get_ident():
             raise RuntimeError(f"EMA.{what}: not allowed inside average_parameters(), where "
-                               "the shadows and the model's weights are swapped")
+                               f"{where}")
+        raise RuntimeError(f"EMA.{what}: refused, nothing changed: another thread is inside "
+                           f"average_parameters(), where {where}. To evaluate while training "
+                           "goes on, evaluate a second model filled by ema.copy_to(other)")
+
+    def __getstate__(self) -> dict:
+        """For ``copy.deepcopy``, ``pickle`` and ``torch.save``: the cached plan (kernel
+        tables, C++ snapshots) and the lock are left out and made again when needed."""
+        with self._lock:
+            self._guard("__getstate__ (deepcopy/pickle)")
+            state = dict(self.__dict__)
+        del state["_lock"]
+        state["_plan"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
 
     def _make_shadow(self, entry, t: torch.Tensor, dtype) -> torch.Tensor:
         """A new shadow of model tensor ``t``: of its local shard, laid out like it."""
@@ -149,6 +187,7 @@ class EMA(AveragedReads):
         return _distributed.wrap_like(t, src.detach().to(device, dtype, copy=True))
 
     # ------------------------------------------------------------------ update
+    @serialized
     def update(self, step: Optional[int] = None) -> None:
         """Advance the average; call after each optimizer step.
 
@@ -161,7 +200,7 @@ class EMA(AveragedReads):
         ``decay = schedule(step - update_after_step)``.  An update that raises (a
         schedule that failed, a changed model) leaves the step where it was.
         """
-        self._not_swapped("update")
+        self._guard("update")
         if self._device_schedule is not None:
             self._update_on_device(step)
             return
@@ -302,16 +341,18 @@ class EMA(AveragedReads):
         return ",".join(f"{d}={n}" for d, n in sorted(names.items(), key=str))
 
     # ------------------------------------------------------------------ checkpoints
+    @serialized
     def state_dict(self) -> dict:
         """Shadows and counters; loads with ``torch.load(weights_only=True)``.
 
         Shadows of DTensors are DTensors, so ``torch.distributed.checkpoint`` can save
         ``{"ema": ema}`` (an ``EMA`` is DCP ``Stateful``) shard by shard and reshard it
         on load, across world sizes."""
-        self._not_swapped("state_dict")
+        self._guard("state_dict", reads_shadows=True)
         self._sync_sharding()
         return _checkpoint.state_of(self)
 
+    @serialized
     def load_state_dict(self, state_dict: dict, strict: bool = True) -> None:
         """Load :meth:`state_dict` output; checks everything before changing anything.
 
@@ -321,7 +362,7 @@ class EMA(AveragedReads):
         tensor (each rank copies its shard of it); sharded checkpoints of another
         layout need ``torch.distributed.checkpoint``, which reshards.
         """
-        self._not_swapped("load_state_dict")
+        self._guard("load_state_dict")
         self._sync_sharding()
         _checkpoint.load_into(self, state_dict, strict)
 
