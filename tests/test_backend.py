@@ -72,3 +72,38 @@ def test_python_m_ema_fused_reports_every_backend():
     assert f"torch     {torch.__version__}" in out
     for name, (usable, reason) in available_backends("cpu").items():
         assert f"cpu   {name:<8} {'usable' if usable else 'not usable'}: {reason}" in out
+
+
+def test_available_backends_without_a_device_is_the_default_devices():
+    """No device: the device a model would be on here (the current CUDA device, else the
+    CPU), so the answer agrees with available_backends(that device) and the CLI."""
+    here = "cuda" if torch.cuda.is_available() else "cpu"
+    assert available_backends() == available_backends(here)
+
+
+def test_jit_build_dir_is_torchs_default_root(monkeypatch):
+    import os
+    from torch.utils.cpp_extension import get_default_build_root
+    from ema_fused.backends import extension
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    where = extension.jit_build_dir(False)
+    assert where.parent.parent.parent == __import__("pathlib").Path(get_default_build_root())
+
+
+def test_loading_the_extension_imports_no_cpp_extension():
+    """Loading the extension (AOT here; the cached JIT build: test_cpp_backend) and
+    updating never import torch.utils.cpp_extension, whose import warns "No CUDA
+    runtime is found" on CPU-only machines."""
+    code = (
+        "import sys, torch, ema_fused\n"
+        "from ema_fused.backends import extension\n"
+        "extension._cached_jit_library()\n"
+        "extension.load(build=False)\n"
+        "from ema_fused import EMA\n"
+        "EMA(torch.nn.Linear(3, 3)).update()\n"
+        "print('torch.utils.cpp_extension' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+    assert "No CUDA runtime" not in out.stderr

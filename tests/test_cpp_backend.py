@@ -167,6 +167,21 @@ def test_jit_build_compiles_loads_and_is_found_again(tmp_path):
     out = subprocess.run([sys.executable, "-c", again], capture_output=True, text=True,
                          env=env, cwd=ROOT, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+    # with no AOT build, load() takes the cached build without importing
+    # torch.utils.cpp_extension (its import warns "No CUDA runtime is found")
+    cached = ("import sys\n"
+              "sys.modules['ema_fused._C'] = None  # as if no AOT build were installed\n"
+              "import torch\n"
+              "from ema_fused.backends import extension as e\n"
+              "assert e.load(build=False) and e.loaded().startswith('jit, cached'), e.error()\n"
+              "import ema_fused\n"
+              "ema = ema_fused.EMA(torch.nn.Linear(4, 4), backend='cpu')\n"
+              "ema.update()\n"
+              "print('torch.utils.cpp_extension' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", cached], capture_output=True, text=True,
+                         env=env, cwd=ROOT, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr[-3000:]
+    assert "No CUDA runtime" not in out.stderr
 
 
 def test_build_command_rejects_unknown_options():

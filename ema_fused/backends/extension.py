@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import torch._appdirs  # torch.utils.cpp_extension finds its build root with it
 
 from . import build_flags as _build_flags
 
@@ -95,10 +96,15 @@ def source_dir() -> Path:
 
 def jit_build_dir(with_cuda: bool) -> Path:
     """Where JIT builds go: torch's extension cache (``TORCH_EXTENSIONS_DIR``), one folder
-    per Python and torch version, so a library built for another torch is never loaded."""
-    from torch.utils.cpp_extension import get_default_build_root
+    per Python and torch version, so a library built for another torch is never loaded.
+
+    The default root is torch's (``cpp_extension.get_default_build_root``), computed
+    here the same way without importing ``torch.utils.cpp_extension``: that import
+    prints "No CUDA runtime is found" on CPU-only machines with a CUDA build of torch,
+    and loading a cached build needs nothing else from it."""
     tag = f"py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__}"
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    root = (os.environ.get("TORCH_EXTENSIONS_DIR")
+            or os.path.realpath(torch._appdirs.user_cache_dir(appname="torch_extensions")))
     return Path(root) / "ema_fused" / tag / _jit_name(with_cuda)
 
 

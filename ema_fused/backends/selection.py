@@ -82,9 +82,21 @@ def _reasons(name: str, device: Optional[torch.device]) -> list[str]:
     return ["not registered"]
 
 
+def default_device() -> torch.device:
+    """The current CUDA device where CUDA is available, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def available_backends(device: Optional[torch.device | str] = None) -> dict[str, tuple[bool, str]]:
-    """``{name: (usable, reason)}`` for every backend; ``device`` narrows the check to one device."""
-    dev = torch.device(device) if device is not None else None
+    """``{name: (usable, reason)}`` for every backend, for tensors on ``device``.
+
+    ``device=None`` means the device a model would be on here: the current CUDA device
+    where CUDA is available, else the CPU (so that on a CPU-only machine the answer is
+    ``available_backends("cpu")``'s and ``python -m ema_fused``'s).
+    """
+    dev = torch.device(device) if device is not None else default_device()
     out = {}
     for name in PREFERENCE:
         reasons = _reasons(name, dev)
