@@ -123,6 +123,45 @@ EMA_FUSED_CLONES void update_range(void* s_raw, void* p_raw, int64_t n, float w)
   }
 }
 
+// skip_nonfinite: where the param element is NaN or +-Inf the shadow element keeps its
+// bits; chosen with masks, so the loops still vectorise.
+inline bool finite_bits(float f) { return (bits_of(f) & 0x7fffffffu) < 0x7f800000u; }
+inline float keep_unless(bool c, float fresh, float old) {
+  return float_of(pick(c, bits_of(fresh), bits_of(old)));
+}
+inline uint16_t keep_unless(bool c, uint16_t fresh, uint16_t old) {
+  return uint16_t(pick(c, fresh, old));
+}
+
+template <typename S, typename P>
+EMA_FUSED_CLONES void update_finite_range(void* s_raw, void* p_raw, int64_t n, float w) {
+  auto* __restrict__ s = static_cast<typename S::Raw*>(s_raw);
+  const auto* __restrict__ p = static_cast<const typename P::Raw*>(p_raw);
+  if (w < 0.5f) {
+    for (int64_t i = 0; i < n; ++i) {
+      const float a = S::load(s[i]), b = P::load(p[i]);
+      s[i] = keep_unless(finite_bits(b), S::store(a + w * (b - a)), s[i]);
+    }
+  } else {
+    const float v = 1.0f - w;
+    for (int64_t i = 0; i < n; ++i) {
+      const float a = S::load(s[i]), b = P::load(p[i]);
+      s[i] = keep_unless(finite_bits(b), S::store(b - v * (b - a)), s[i]);
+    }
+  }
+}
+
+// Weight 1 with skip_nonfinite: the copy of the finite elements (the scale is 1).
+template <typename S, typename P>
+EMA_FUSED_CLONES void copy_finite_range(void* s_raw, void* p_raw, int64_t n, float) {
+  auto* __restrict__ s = static_cast<typename S::Raw*>(s_raw);
+  const auto* __restrict__ p = static_cast<const typename P::Raw*>(p_raw);
+  for (int64_t i = 0; i < n; ++i) {
+    const float b = P::load(p[i]);
+    s[i] = keep_unless(finite_bits(b), S::store(b), s[i]);
+  }
+}
+
 template <typename D, typename S>
 EMA_FUSED_CLONES void copy_range(void* d_raw, void* s_raw, int64_t n, float scale) {
   auto* __restrict__ d = static_cast<typename D::Raw*>(d_raw);
@@ -152,6 +191,20 @@ template <typename A, typename B>
 struct Update { static constexpr RangeFn fn = update_range<A, B>; };
 template <typename A, typename B>
 struct Copy { static constexpr RangeFn fn = copy_range<A, B>; };
+template <typename A, typename B>
+struct UpdateFinite { static constexpr RangeFn fn = update_finite_range<A, B>; };
+template <typename A, typename B>
+struct CopyFinite { static constexpr RangeFn fn = copy_finite_range<A, B>; };
+
+RangeFn range_fn(Kind kind, int a, int b) {
+  switch (kind) {
+    case Kind::Update: return Table<Update>::get(a, b);
+    case Kind::Copy: return Table<Copy>::get(a, b);
+    case Kind::UpdateFinite: return Table<UpdateFinite>::get(a, b);
+    case Kind::CopyFinite: return Table<CopyFinite>::get(a, b);
+    default: return a == kFloat ? swap_range<uint32_t> : swap_range<uint16_t>;
+  }
+}
 
 struct Chunk { RangeFn fn; void* a; void* b; int64_t n; };
 
@@ -166,13 +219,7 @@ std::vector<Chunk> plan(const char* op, at::TensorList a, at::TensorList b, Kind
   checked.check(op, pairs, names);
   std::vector<Chunk> chunks;
   for (const Pair& p : pairs) {
-    RangeFn fn = nullptr;
-    if (kind == Kind::Swap) {
-      fn = p.code_a == kFloat ? swap_range<uint32_t> : swap_range<uint16_t>;
-    } else {
-      fn = kind == Kind::Update ? Table<Update>::get(p.code_a, p.code_b)
-                                : Table<Copy>::get(p.code_a, p.code_b);
-    }
+    const RangeFn fn = range_fn(kind, p.code_a, p.code_b);
     // only a swap writes through b; the range functions take it as void* alike
     char *xp = static_cast<char*>(p.a), *yp = static_cast<char*>(const_cast<void*>(p.b));
     for (int64_t start = 0; start < p.numel; start += kChunk) {
@@ -230,29 +277,34 @@ void run(std::vector<Chunk> chunks, float scalar) {
 }
 
 // Weight 0 changes nothing (the inputs are still checked; an Inf param must not turn its
-// shadow into NaN); weight 1 copies the params exactly, without reading the shadows.
-void update_with(const char* op, at::TensorList shadows, at::TensorList params, float weight) {
-  const Kind kind = weight == 1.0f ? Kind::Copy : Kind::Update;
+// shadow into NaN); weight 1 copies the params exactly, without reading the shadows
+// (with skip_nonfinite it reads them, to keep those whose param is not finite).
+void update_with(const char* op, at::TensorList shadows, at::TensorList params, float weight,
+                 bool skip_nonfinite) {
+  const Kind kind = weight == 1.0f ? (skip_nonfinite ? Kind::CopyFinite : Kind::Copy)
+                                   : (skip_nonfinite ? Kind::UpdateFinite : Kind::Update);
   std::vector<Chunk> chunks = plan(op, shadows, params, kind, Kind::Update);
   if (weight != 0.0f) run(std::move(chunks), weight);
 }
 
-void kernel_update_cpu(at::TensorList shadows, at::TensorList params, double weight) {
+void kernel_update_cpu(at::TensorList shadows, at::TensorList params, double weight,
+                       bool skip_nonfinite) {
   TORCH_CHECK(weight >= 0.0 && weight <= 1.0, "kernel_update_: weight must be in [0, 1], got ",
               weight);
-  update_with("kernel_update_", shadows, params, static_cast<float>(weight));
+  update_with("kernel_update_", shadows, params, static_cast<float>(weight), skip_nonfinite);
 }
 
 // The weight is read here, when the op runs.  Its value is not range-checked: the
 // CUDA kernel cannot without a device sync, and both must behave alike (NaN flows).
 void kernel_update_graph_safe_cpu(at::TensorList shadows, at::TensorList params,
-                                  const at::Tensor& weight) {
+                                  const at::Tensor& weight, bool skip_nonfinite) {
   TORCH_CHECK(weight.numel() == 1 && weight.scalar_type() == at::kFloat &&
                   weight.device().is_cpu(),
               "kernel_update_graph_safe_: weight must be a 1-element float32 tensor on the "
               "shadows' device (cpu), got a ", weight.scalar_type(), " tensor of ",
               weight.numel(), " elements on ", weight.device());
-  update_with("kernel_update_graph_safe_", shadows, params, *weight.const_data_ptr<float>());
+  update_with("kernel_update_graph_safe_", shadows, params, *weight.const_data_ptr<float>(),
+              skip_nonfinite);
 }
 
 void kernel_copy_cpu(at::TensorList dst, at::TensorList src, double scale) {

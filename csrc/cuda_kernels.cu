@@ -153,8 +153,8 @@ void launch(const char* op, at::TensorList a, at::TensorList b, float scalar,
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void kernel_update_cuda(at::TensorList shadows, at::TensorList params, double weight) {
-  const char* op = "kernel_update_";
+template <Kind U, Kind C>
+void update_cuda(const char* op, at::TensorList shadows, at::TensorList params, double weight) {
   TORCH_CHECK(weight >= 0.0 && weight <= 1.0, op, ": weight must be in [0, 1], got ", weight);
   if (weight == 0.0) {  // nothing changes; the inputs are still checked
     if (!shadows.empty() && shadows[0].defined()) {
@@ -163,12 +163,23 @@ void kernel_update_cuda(at::TensorList shadows, at::TensorList params, double we
     }
     return;
   }
-  if (weight == 1.0) return launch<Kind::Copy>(op, shadows, params, 1.0f, nullptr, Kind::Update);
-  launch<Kind::Update>(op, shadows, params, static_cast<float>(weight), nullptr);
+  if (weight == 1.0) return launch<C>(op, shadows, params, 1.0f, nullptr, Kind::Update);
+  launch<U>(op, shadows, params, static_cast<float>(weight), nullptr, Kind::Update);
+}
+
+// skip_nonfinite: elements whose param is NaN or +-Inf keep their shadow (in the kernel,
+// no extra pass, no host sync).
+void kernel_update_cuda(at::TensorList shadows, at::TensorList params, double weight,
+                        bool skip_nonfinite) {
+  if (skip_nonfinite) {
+    return update_cuda<Kind::UpdateFinite, Kind::CopyFinite>("kernel_update_", shadows, params,
+                                                             weight);
+  }
+  update_cuda<Kind::Update, Kind::Copy>("kernel_update_", shadows, params, weight);
 }
 
 void kernel_update_graph_safe_cuda(at::TensorList shadows, at::TensorList params,
-                                   const at::Tensor& weight) {
+                                   const at::Tensor& weight, bool skip_nonfinite) {
   const char* op = "kernel_update_graph_safe_";
   if (shadows.empty()) return;
   TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.numel() == 1, op,
@@ -176,6 +187,10 @@ void kernel_update_graph_safe_cuda(at::TensorList shadows, at::TensorList params
               " with shape ", weight.sizes());
   TORCH_CHECK(weight.device() == shadows[0].device(), op, ": weight is on ", weight.device(),
               " but tensors[0] is on ", shadows[0].device());
+  if (skip_nonfinite) {
+    return launch<Kind::UpdateFinite>(op, shadows, params, 0.0f, weight.data_ptr<float>(),
+                                      Kind::Update);
+  }
   launch<Kind::Update>(op, shadows, params, 0.0f, weight.data_ptr<float>());
 }
 

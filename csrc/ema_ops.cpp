@@ -13,12 +13,15 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(ema_fused, m) {
-  // shadows[i] += weight * (params[i] - shadows[i]); fp32 math, rounded once.
-  m.def("kernel_update_(Tensor(a!)[] shadows, Tensor[] params, float weight) -> ()");
+  // shadows[i] += weight * (params[i] - shadows[i]); fp32 math, rounded once.  With
+  // skip_nonfinite, an element whose param is NaN or +-Inf keeps its shadow.
+  m.def("kernel_update_(Tensor(a!)[] shadows, Tensor[] params, float weight, "
+        "bool skip_nonfinite=False) -> ()");
   // The same with the weight read from a 1-element float32 tensor on the shadows'
   // device, at run time (CUDA: on the device, so a captured graph replays with the
   // value the tensor holds at replay).
-  m.def("kernel_update_graph_safe_(Tensor(a!)[] shadows, Tensor[] params, Tensor weight) -> ()");
+  m.def("kernel_update_graph_safe_(Tensor(a!)[] shadows, Tensor[] params, Tensor weight, "
+        "bool skip_nonfinite=False) -> ()");
   // dst[i] = src[i] * scale, rounded once into dst[i]'s dtype.
   m.def("kernel_copy_(Tensor(a!)[] dst, Tensor[] src, float scale) -> ()");
   // Exchange the contents of a[i] and b[i] (equal dtypes).

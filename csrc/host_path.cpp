@@ -170,7 +170,8 @@ class Snapshot {
 };
 
 using ListsScalar = void(at::TensorList, at::TensorList, double);
-using ListsTensor = void(at::TensorList, at::TensorList, const at::Tensor&);
+using ListsScalarFlag = void(at::TensorList, at::TensorList, double, bool);
+using ListsTensorFlag = void(at::TensorList, at::TensorList, const at::Tensor&, bool);
 
 template <typename Sig>
 c10::TypedOperatorHandle<Sig> op(const char* name) {
@@ -199,13 +200,13 @@ class PairSet {
       }
     }
   }
-  void update(double weight) const {
-    static const auto handle = op<ListsScalar>("ema_fused::kernel_update_");
-    run([&](at::TensorList a, at::TensorList b) { handle.call(a, b, weight); });
+  void update(double weight, bool skip_nonfinite) const {
+    static const auto handle = op<ListsScalarFlag>("ema_fused::kernel_update_");
+    run([&](at::TensorList a, at::TensorList b) { handle.call(a, b, weight, skip_nonfinite); });
   }
-  void update_graph_safe(const at::Tensor& weight) const {
-    static const auto handle = op<ListsTensor>("ema_fused::kernel_update_graph_safe_");
-    run([&](at::TensorList a, at::TensorList b) { handle.call(a, b, weight); });
+  void update_graph_safe(const at::Tensor& weight, bool skip_nonfinite) const {
+    static const auto handle = op<ListsTensorFlag>("ema_fused::kernel_update_graph_safe_");
+    run([&](at::TensorList a, at::TensorList b) { handle.call(a, b, weight, skip_nonfinite); });
   }
   void copy(double scale) const {
     static const auto handle = op<ListsScalar>("ema_fused::kernel_copy_");
@@ -340,8 +341,9 @@ void bind_host_path(py::module_& m) {
   // Python threads.
   py::class_<PairSet>(m, "PairSet", gc_aware<PairSet>())
       .def(py::init<const py::list&, const py::list&>())
-      .def("update_", &PairSet::update)
-      .def("update_graph_safe_", &PairSet::update_graph_safe)
+      .def("update_", &PairSet::update, py::arg("weight"), py::arg("skip_nonfinite") = false)
+      .def("update_graph_safe_", &PairSet::update_graph_safe, py::arg("weight"),
+           py::arg("skip_nonfinite") = false)
       .def("copy_", &PairSet::copy)
       .def("__len__", &PairSet::size);
 }

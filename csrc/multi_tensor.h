@@ -21,6 +21,7 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #if defined(__CUDACC__)
@@ -44,7 +45,9 @@ constexpr int kPerThread = kVec * kUnroll;                 // 16 elements
 constexpr int64_t kTile = int64_t(kThreads) * kPerThread;  // 4096 elements
 constexpr int kRow = 4;        // int64 words per tensor row: a, b, numel, code
 
-enum class Kind { Update, Copy, Swap };
+// UpdateFinite / CopyFinite: Update / Copy that leave an element of `a` as it was where
+// its `b` element is NaN or +-Inf (skip_nonfinite), decided per element in registers.
+enum class Kind { Update, Copy, Swap, UpdateFinite, CopyFinite };
 
 // What a thread did, for the emulation's counters: read a tile entry; ran a full tile
 // with vector accesses to both sides / vector `a` and scalar `b`; ran a partial tile
@@ -125,13 +128,33 @@ struct alignas(sizeof(T) * kVec) Vec {
 // The update is the two-sided lerp of torch.lerp and the CPU kernels: for s >= 0.5 it
 // is b - (1 - s) * (b - a), where 1 - s is exact.  s = 0 and s = 1 never get here
 // (run_block skips the first and copies for the second, exactly).
+// Whether f is neither NaN nor +-Inf: a test of the exponent bits, which no compiler
+// flag (fast math) can fold away.
+EMA_HD bool is_finite_value(float f) {
+#if defined(__CUDA_ARCH__)
+  const uint32_t u = __float_as_uint(f);
+#else
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+#endif
+  return (u & 0x7fffffffu) < 0x7f800000u;
+}
+
 template <Kind K, typename A, typename B>
 EMA_HD void apply(A& a, B& b, float s) {
-  if constexpr (K == Kind::Update) {
+  if constexpr (K == Kind::Update || K == Kind::UpdateFinite) {
     const float x = static_cast<float>(a), y = static_cast<float>(b);
-    a = static_cast<A>(s < 0.5f ? x + s * (y - x) : y - (1.0f - s) * (y - x));
+    const A r = static_cast<A>(s < 0.5f ? x + s * (y - x) : y - (1.0f - s) * (y - x));
+    if constexpr (K == Kind::Update) {
+      a = r;
+    } else {
+      a = is_finite_value(y) ? r : a;
+    }
   } else if constexpr (K == Kind::Copy) {
     a = static_cast<A>(static_cast<float>(b) * s);
+  } else if constexpr (K == Kind::CopyFinite) {  // weight 1 of UpdateFinite: no scale
+    const float y = static_cast<float>(b);
+    a = is_finite_value(y) ? static_cast<A>(y) : a;
   } else {
     const A t = a;
     a = b;
@@ -286,14 +309,16 @@ EMA_HD void run_tile(const int64_t* table, int64_t n_rows, int64_t e, int t, flo
 // calls read the weight at run time, not at launch).  An update with weight 0 changes
 // nothing, so it returns before touching the table or any tensor (an Inf param must not
 // turn its shadow into NaN, and a step skipped by update_every must not stream the
-// model); weight 1 is a copy, which is exact and never reads the shadow.
+// model); weight 1 is a copy, which is exact and never reads the shadow (with
+// skip_nonfinite it reads it, to keep the elements whose param is not finite).
 template <Kind K>
 EMA_HD void run_block(const int64_t* table, int64_t n_rows, int64_t e, int t, float scalar,
                       const float* scalar_ptr) {
   const float s = scalar_ptr != nullptr ? *scalar_ptr : scalar;
-  if constexpr (K == Kind::Update) {
+  if constexpr (K == Kind::Update || K == Kind::UpdateFinite) {
+    constexpr Kind kCopy = K == Kind::Update ? Kind::Copy : Kind::CopyFinite;
     if (s == 0.0f) return;
-    if (s == 1.0f) return run_tile<Kind::Copy>(table, n_rows, e, t, 1.0f);
+    if (s == 1.0f) return run_tile<kCopy>(table, n_rows, e, t, 1.0f);
   }
   run_tile<K>(table, n_rows, e, t, s);
 }

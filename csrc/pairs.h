@@ -33,7 +33,9 @@ struct ListNames {
 
 inline ListNames names_of(Kind kind) {
   switch (kind) {
-    case Kind::Update: return {"shadows", "params"};
+    case Kind::Update:
+    case Kind::UpdateFinite:
+    case Kind::CopyFinite: return {"shadows", "params"};
     case Kind::Copy: return {"dst", "src"};
     default: return {"a", "b"};
   }

@@ -188,6 +188,9 @@ class AveragedReads:
                                                   else self._tracked.module)
                         self._swap(targets, shadows)
                     else:
+                        # read afresh: this reshards FSDP2 modules that a forward inside
+                        # left unsharded, so the weights go back into the shards
+                        targets = self._read_locals(model)
                         self._put_back(targets, backup)
                         torch.autograd.graph.increment_version(targets)
                 finally:

@@ -32,10 +32,10 @@ def _staged(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> Iterato
 
 
 def update_across_(shadows: Sequence[torch.Tensor], params: Sequence[torch.Tensor],
-                   weight: float, backend: str) -> None:
+                   weight: float, backend: str, skip_nonfinite: bool = False) -> None:
     """``ema_update_`` for checked pairs that may sit on different devices."""
     for s, p in _staged(shadows, params):
-        dispatch("update", s, p, weight, backend)
+        dispatch("update", s, p, weight, backend, skip_nonfinite)
 
 
 def copy_across_(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor],

@@ -21,6 +21,7 @@ from .ops import group_by_device
 from .schedules import constant
 
 _BUFFER_POLICIES = ("ema", "copy", "ignore")
+_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def serialized(method):
@@ -72,9 +73,18 @@ class EMA(AveragedReads):
         trainable_only: leave out parameters with ``requires_grad=False`` (frozen
             weights: no shadow, never read or written); one that becomes trainable
             later raises :class:`ModelChangedError` naming it.  Buffers follow ``buffers``.
+        skip_nonfinite: where an element of a model tensor is NaN or +-Inf, leave its
+            shadow element as it is (averaging and copying steps alike), so one bad
+            value does not poison the average forever.  Decided inside the kernels per
+            element, with no extra pass and no host sync; nothing is reported (check the
+            model yourself if you need to know).
 
     Every public method may be called from several threads: they serialize, and a call
     refused because another thread is inside :meth:`average_parameters` changes nothing.
+
+    An ``EMA`` is not an ``nn.Module``: kept as an attribute of a model or a
+    LightningModule it is *not* in their ``state_dict()``.  Save ``ema.state_dict()``
+    yourself, or register ``owner.ema_state = ema.as_module()`` to carry it there.
     """
 
     def __init__(self, model_or_params: Union[nn.Module, Iterable[torch.Tensor]],
@@ -83,7 +93,8 @@ class EMA(AveragedReads):
                  dtype: Optional[torch.dtype] = torch.float32,
                  device: Optional[Union[torch.device, str]] = None, backend: str = "auto",
                  bias_correction: bool = False, exclude: Sequence[str] = (),
-                 capturable: bool = False, trainable_only: bool = False) -> None:
+                 capturable: bool = False, trainable_only: bool = False,
+                 skip_nonfinite: bool = False) -> None:
         if schedule is None:
             schedule = constant(as_real("EMA: decay", decay))
         elif not callable(schedule):
@@ -99,6 +110,7 @@ class EMA(AveragedReads):
         self.update_after_step = as_int("EMA: update_after_step", update_after_step, 0)
         self.update_every = as_int("EMA: update_every", update_every, 1)
         self.bias_correction = as_flag("EMA: bias_correction", bias_correction)
+        self.skip_nonfinite = as_flag("EMA: skip_nonfinite", skip_nonfinite)
         self._device = torch.device(device) if device is not None else None
         self._backend_request = backend
         _backend.resolve_name(backend)  # unknown names fail now, not at the first update
@@ -241,26 +253,46 @@ class EMA(AveragedReads):
         """One pass over every tracked tensor: average (or copy) the float ones, copy the rest.
 
         ``active`` (capturable mode): a device bool; where false the copies keep their value.
+        With ``skip_nonfinite`` a copying step is an update of weight 1 (exactly the
+        params), so that the kernels keep the shadows of non-finite elements.
         """
         plan = self._plan
         if plan is None or plan.snapshot is None or not plan.snapshot.still_valid():
             plan = self._plan_for(self._tracked.read(check_shapes=False))
+        skip = self.skip_nonfinite
+        if copy and skip:
+            weight, copy = 1.0, False
         with torch.no_grad():
             if plan.groups is None:  # some shadows live on another device: staged copies
-                run = copy_across_ if copy else update_across_
-                run(plan.ema_s, plan.ema_p, 1.0 if copy else weight, self._backend_request)
+                if copy:
+                    copy_across_(plan.ema_s, plan.ema_p, 1.0, self._backend_request)
+                else:
+                    update_across_(plan.ema_s, plan.ema_p, weight, self._backend_request, skip)
             else:
                 for impl, shadows, params, prepared in plan.groups:
                     if prepared is not None and copy:
                         prepared.copy_(1.0)
                     elif prepared is not None:
-                        prepared.update_(weight)
+                        prepared.update_(weight, skip)
                     elif copy:
                         impl.copy_(shadows, params, 1.0)
                     else:
-                        impl.update_(shadows, params, weight)
+                        impl.update_(shadows, params, weight, skip)
             for s, p in zip(plan.copy_s, plan.copy_p):
-                s.copy_(p if active is None else torch.where(active, p.to(s.device), s))
+                s.copy_(self._copied_value(s, p, active))
+
+    def _copied_value(self, s: torch.Tensor, p: torch.Tensor,
+                      active: Optional[torch.Tensor]) -> torch.Tensor:
+        """What a copied (not averaged) shadow takes: the model's tensor, except where
+        ``active`` is false (capturable mode) or, with ``skip_nonfinite``, where a
+        floating element (e.g. float8) is not finite."""
+        value = p.to(s.device)
+        if self.skip_nonfinite and value.is_floating_point() and value.dtype == s.dtype:
+            # as raw bits: torch.where has no float8 kernels
+            bits = _SAME_SIZE_INT[value.element_size()]
+            value = torch.where(torch.isfinite(value.float()), value.view(bits),
+                                s.view(bits)).view(s.dtype)
+        return value if active is None else torch.where(active, value, s)
 
     def _plan_for(self, live: list[torch.Tensor]) -> "_Plan":
         """The pairs and their backends, reused while every live tensor keeps its address,
@@ -365,6 +397,15 @@ class EMA(AveragedReads):
         self._guard("load_state_dict")
         self._sync_sharding()
         _checkpoint.load_into(self, state_dict, strict)
+
+    def as_module(self) -> "nn.Module":
+        """An ``nn.Module`` holding this EMA, to register in a model or LightningModule
+        (``self.ema_state = ema.as_module()``) so that their ``state_dict()`` /
+        ``load_state_dict()`` save and restore the EMA (one key, ``<name>._extra_state``,
+        holding :meth:`state_dict`).  It has no parameters or buffers, so the owner's
+        ``.to()``/``.half()`` never move or cast the shadows."""
+        from ._as_module import EMAStateModule
+        return EMAStateModule(self)
 
     # ------------------------------------------------------------------ training loops
     def attach(self, optimizer: torch.optim.Optimizer) -> "_hooks.AttachHandle":

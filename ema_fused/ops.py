@@ -12,7 +12,7 @@ raw ``_foreach_lerp_``), which is more than the update itself for small tensors.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
@@ -32,7 +32,8 @@ def group_by_device(a: Tensors, b: Tensors) -> dict[torch.device, tuple[list, li
     return groups
 
 
-def dispatch(kind: str, a: Tensors, b: Tensors, scalar: float, backend: str) -> None:
+def dispatch(kind: str, a: Tensors, b: Tensors, scalar: float, backend: str,
+             skip_nonfinite: bool = False) -> None:
     """Pick a backend per device (all before writing), then run ``kind`` on each group.
 
     No input checks beyond the backends' own (each refuses pairs that share memory
@@ -50,9 +51,10 @@ def dispatch(kind: str, a: Tensors, b: Tensors, scalar: float, backend: str) -> 
         for impl, ga, gb in chosen:
             if kind == "swap":
                 (impl.swap_ or _fallback.swap_)(ga, gb)
+            elif kind == "update":
+                impl.update_(ga, gb, scalar, skip_nonfinite)
             else:
-                fn: Callable = impl.update_ if kind == "update" else impl.copy_
-                fn(ga, gb, scalar)
+                impl.copy_(ga, gb, scalar)
 
 
 def _check_update(shadows: Tensors, params: Tensors, weight):
@@ -85,25 +87,26 @@ def _check_swap(a: Tensors, b: Tensors, _unused: float = 0.0) -> float:
 
 @torch.library.custom_op("ema_fused::update_", mutates_args={"shadows"})
 def _update_op(shadows: list[torch.Tensor], params: list[torch.Tensor], weight: float,
-               backend: str) -> None:
+               backend: str, skip_nonfinite: bool = False) -> None:
     weight = _check_update(shadows, params, weight)
-    dispatch("update", shadows, params, weight, backend)
+    dispatch("update", shadows, params, weight, backend, skip_nonfinite)
 
 
 @_update_op.register_fake
-def _update_fake(shadows, params, weight, backend) -> None:
+def _update_fake(shadows, params, weight, backend, skip_nonfinite=False) -> None:
     _check_update(shadows, params, weight)
 
 
 @torch.library.custom_op("ema_fused::update_graph_safe_", mutates_args={"shadows"})
 def _update_graph_safe_op(shadows: list[torch.Tensor], params: list[torch.Tensor],
-                          weight: torch.Tensor, backend: str) -> None:
+                          weight: torch.Tensor, backend: str,
+                          skip_nonfinite: bool = False) -> None:
     _check_update(shadows, params, weight)
-    dispatch("update", shadows, params, weight, backend)
+    dispatch("update", shadows, params, weight, backend, skip_nonfinite)
 
 
 @_update_graph_safe_op.register_fake
-def _update_graph_safe_fake(shadows, params, weight, backend) -> None:
+def _update_graph_safe_fake(shadows, params, weight, backend, skip_nonfinite=False) -> None:
     _check_update(shadows, params, weight)
 
 
@@ -132,19 +135,24 @@ def _swap_fake(a, b, unused, backend) -> None:
 _CHECKS = {"update": _check_update, "copy": _check_copy, "swap": _check_swap}
 
 
-def _run(kind: str, a: Tensors, b: Tensors, scalar: float, backend: str) -> None:
+def _run(kind: str, a: Tensors, b: Tensors, scalar: float, backend: str,
+         skip_nonfinite: bool = False) -> None:
     """Eager: check, then dispatch.  Under torch.compile: go through the registered op."""
     a, b = list(a), list(b)
     if torch.compiler.is_compiling():
         graph_safe = isinstance(scalar, torch.Tensor)
-        getattr(torch.ops.ema_fused, kind + ("_graph_safe_" if graph_safe else "_"))(
-            a, b, scalar, backend)
+        op = getattr(torch.ops.ema_fused, kind + ("_graph_safe_" if graph_safe else "_"))
+        if kind == "update":
+            op(a, b, scalar, backend, skip_nonfinite)
+        else:
+            op(a, b, scalar, backend)
         return
     scalar = _CHECKS[kind](a, b, scalar)
-    dispatch(kind, a, b, scalar, backend)
+    dispatch(kind, a, b, scalar, backend, skip_nonfinite)
 
 
-def ema_update_(shadows: Tensors, params: Tensors, weight: float, *, backend: str = "auto") -> None:
+def ema_update_(shadows: Tensors, params: Tensors, weight: float, *,
+                skip_nonfinite: bool = False, backend: str = "auto") -> None:
     """In place, for every i: ``shadows[i] += weight * (params[i] - shadows[i])``.
 
     With ``weight = 1 - decay`` this is one EMA step.  Shadows and params may be
@@ -162,9 +170,14 @@ def ema_update_(shadows: Tensors, params: Tensors, weight: float, *, backend: st
             Or a 1-element float32 tensor on the shadows' device, read on the device
             (graph-safe: a captured CUDA graph replays with its value at replay time;
             its value is not checked, as that would sync with the host).
+        skip_nonfinite: leave a shadow element as it is where its param element is NaN
+            or +-Inf (decided inside the kernels, per element: no extra pass, no host
+            sync; the foreach fallback pays one temporary piece).
         backend: ``"auto"`` or one of ``"cuda"``, ``"triton"``, ``"cpu"``, ``"foreach"``.
     """
-    _run("update", shadows, params, weight, backend)
+    if not isinstance(skip_nonfinite, bool):
+        raise TypeError(f"ema_update_: skip_nonfinite must be a bool, got {skip_nonfinite!r}")
+    _run("update", shadows, params, weight, backend, skip_nonfinite)
 
 
 def ema_copy_(dst: Tensors, src: Tensors, scale: float = 1.0, *, backend: str = "auto") -> None:

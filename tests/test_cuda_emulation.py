@@ -229,3 +229,48 @@ def test_pairs_that_share_memory_are_refused_before_anything_is_written(run):
     shared = torch.ones(TILE)
     run([buf[:TILE], buf[TILE:2 * TILE]], [shared, shared], "update", 0.5)
     assert bool((buf[:2 * TILE] == 0.5).all()) and not buf[2 * TILE:].any()
+
+
+def _poisoned(n, dtype, gen, offset=0):
+    x = rand(n + offset, dtype, gen)[offset:]
+    pick = torch.randint(0, 12, (n,), generator=gen)
+    x[pick == 0] = float("nan")
+    x[pick == 1] = float("inf")
+    x[pick == 2] = float("-inf")
+    return x
+
+
+@pytest.mark.parametrize("from_ptr", [False, True], ids=["scalar", "pointer"])
+@pytest.mark.parametrize("weight", [0.3, 0.75, 1.0])
+@pytest.mark.parametrize("sd,pd", PAIRS, ids=IDS)
+def test_skip_nonfinite_keeps_those_shadows_and_updates_the_rest(run, sd, pd, weight, from_ptr):
+    """Kind::UpdateFinite (and CopyFinite at weight 1): every path (vector, scalar-b,
+    guarded tail, head) keeps the shadow where the param is NaN/Inf and matches the plain
+    update bit for bit elsewhere; the same paths as the plain update are taken."""
+    gen = seeded("finite", sd, pd, weight)
+    sizes = [n for n in SIZES if n] + [TILE + 5]
+    shadows = [rand(n, sd, gen) for n in sizes] + [rand(TILE + 3, sd, gen)[1:]]
+    params = [_poisoned(n, pd, gen) for n in sizes] + [_poisoned(TILE + 2, pd, gen, 2)]
+    before = [s.clone() for s in shadows]
+    # the plain update of the params with each bad element replaced by its shadow (in
+    # fp32, which the kernel computes in anyway): lerp(s, s, w) == s, the rest identical
+    plain = [s.clone() for s in shadows]
+    clean = [torch.where(torch.isfinite(p), p.float(), s.float()) for s, p in zip(shadows, params)]
+    run(plain, clean, "update", weight, from_ptr)
+    expected = expected_trace(shadows, params)
+    assert run(shadows, params, "update_finite", weight, from_ptr) == expected
+    for s, b, p, pl in zip(shadows, before, params, plain):
+        bad = ~torch.isfinite(p)
+        assert torch.equal(s[bad], b[bad])
+        assert torch.equal(s, pl)
+        exact = torch.where(bad, b.double(), lerp_reference(b, p.masked_fill(bad, 0), weight))
+        mags = b.double().abs() + p.double().masked_fill(bad, 0).abs()
+        assert_rounded_close(s, exact, mags, compute_dtype(sd, pd))
+
+
+def test_skip_nonfinite_weight_zero_reads_nothing(run):
+    gen = seeded("finite-zero")
+    shadows = [rand(TILE + 7, torch.float32, gen)]
+    before = shadows[0].clone()
+    counts = run(shadows, [_poisoned(TILE + 7, torch.bfloat16, gen)], "update_finite", 0.0)
+    assert counts == [0, 0, 0, 0, 0] and torch.equal(shadows[0], before)

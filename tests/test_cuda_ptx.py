@@ -61,7 +61,9 @@ def _probe_expectation(kind: str, a: str, b: str, vector_b: bool) -> collections
     """Global accesses of one thread's full tile: the first tensor always as UNROLL
     16-byte (fp32) / 8-byte (16-bit) vectors; the second as vectors too when aligned with
     it, else as UNROLL * VEC scalars.  Copy never reads its destination; params are
-    read-only (the non-coherent ld.global.nc form); a swap writes both sides."""
+    read-only (the non-coherent ld.global.nc form); a swap writes both sides.  The
+    skip_nonfinite kinds access memory exactly as the update: the select is in registers
+    (CopyFinite, its weight-1 end, reads the destination to keep elements)."""
     (ta, _), (tb, _) = DTYPES.get(a, (a, 0)), DTYPES.get(b, (b, 0))
     nc = "" if kind == "Swap" else ".nc"
     want = collections.Counter()
@@ -79,7 +81,8 @@ def _probe_expectation(kind: str, a: str, b: str, vector_b: bool) -> collections
     return want
 
 
-PROBES = ([(k, a, b) for k in ("Update", "Copy") for a in DTYPES for b in DTYPES]
+PROBES = ([(k, a, b) for k in ("Update", "Copy", "UpdateFinite", "CopyFinite")
+           for a in DTYPES for b in DTYPES]
           + [("Swap", "u32", "u32"), ("Swap", "u16", "u16")])
 
 
@@ -92,7 +95,8 @@ def test_each_full_tile_path_has_exactly_its_vector_accesses(ptx, kind, a, b, ve
 
 KERNELS = {"Update": "_ZN9ema_fused12tiles_kernelILNS_4KindE0EEEvPKllfPKf",
            "Copy": "_ZN9ema_fused12tiles_kernelILNS_4KindE1EEEvPKllfPKf",
-           "Swap": "_ZN9ema_fused12tiles_kernelILNS_4KindE2EEEvPKllfPKf"}
+           "Swap": "_ZN9ema_fused12tiles_kernelILNS_4KindE2EEEvPKllfPKf",
+           "UpdateFinite": "_ZN9ema_fused12tiles_kernelILNS_4KindE3EEEvPKllfPKf"}
 
 
 @pytest.mark.parametrize("kind", KERNELS)
@@ -112,14 +116,15 @@ def test_no_kernel_spills_registers(tmp_path):
     entries = re.findall(r"Compiling entry function '(\w+)'.*?(\d+) bytes spill stores, "
                          r"(\d+) bytes spill loads", report, re.S)
     kernels = {name: (int(st), int(ld)) for name, st, ld in entries if name in KERNELS.values()}
-    assert len(kernels) == 3, report[-2000:]
+    assert len(kernels) == len(KERNELS), report[-2000:]
     assert all(spill == (0, 0) for spill in kernels.values()), kernels
 
 
-def test_a_zero_device_weight_exits_before_the_table_is_read(ptx):
+@pytest.mark.parametrize("update", ["Update", "UpdateFinite"])
+def test_a_zero_device_weight_exits_before_the_table_is_read(ptx, update):
     """The update kernel's first global load is the weight; before its first tile-table
     load (64-bit) there is a comparison of the weight with 0 and a branch on it."""
-    lines = [line.strip() for line in ptx[KERNELS["Update"]].splitlines()]
+    lines = [line.strip() for line in ptx[KERNELS[update]].splitlines()]
     first_weight = next(i for i, l in enumerate(lines) if "ld.global" in l)
     first_table = next(i for i, l in enumerate(lines) if "ld.global.u64" in l)
     assert ".f32" in lines[first_weight] and first_weight < first_table

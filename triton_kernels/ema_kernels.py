@@ -17,6 +17,8 @@ Triton 3.8 compiling for sm_90), so tile decoding is written out in each kernel.
 
 Ends of the update's weight: 0 returns before any load (nothing changes, even for an
 Inf param); 1 gives exactly the params.  Swaps move raw 32/16-bit words.
+``SKIP_NONFINITE``: an element whose param is NaN or +-Inf keeps its shadow (a select
+in registers; the shadow is loaded anyway).
 
 Bytes per element (the bound on speed): update, bf16 param + fp32 shadow: 2 + 4 + 4
 = 10; fp32 + fp32: 12.  copy: read + write (4 + 2 for fp32 -> bf16).  swap: 2 reads +
@@ -82,8 +84,18 @@ def _lerp(a, b, w):
 
 
 @triton.jit
+def _finite_or_keep(new, a, b, SKIP_NONFINITE: tl.constexpr):
+    """``new`` where the param ``b`` is finite, else the old shadow ``a`` (which came
+    from the shadow's dtype, so storing it back is exact)."""
+    if SKIP_NONFINITE:
+        new = tl.where(tl.abs(b) <= 3.4028234663852886e38, new, a)
+    return new
+
+
+@triton.jit
 def update_kernel(tensors, tiles, f32, bf16, f16, weight, weight_ptr,
-                  WEIGHT_FROM_PTR: tl.constexpr, BLOCK: tl.constexpr):
+                  WEIGHT_FROM_PTR: tl.constexpr, BLOCK: tl.constexpr,
+                  SKIP_NONFINITE: tl.constexpr = False):
     """a[i] += w * (b[i] - a[i]); a: shadows, b: params.  ``weight_ptr`` for graph capture.
 
     Weight 0 changes nothing: the program returns before reading its tile entry or any
@@ -109,11 +121,13 @@ def update_kernel(tensors, tiles, f32, bf16, f16, weight, weight_ptr,
             b4, b8 = tl.multiple_of(b_off, 4), tl.multiple_of(b_off, 8)
             a = _load(f32, bf16, f16, a4, a8, a_code, offs, mask, False)
             b = _load(f32, bf16, f16, b4, b8, b_code, offs, mask, False)
-            _store(f32, bf16, f16, a4, a8, a_code, offs, _lerp(a, b, w), mask, False)
+            new = _finite_or_keep(_lerp(a, b, w), a, b, SKIP_NONFINITE)
+            _store(f32, bf16, f16, a4, a8, a_code, offs, new, mask, False)
         else:
             a = _load(f32, bf16, f16, a_off, a_off, a_code, offs, mask, True)
             b = _load(f32, bf16, f16, b_off, b_off, b_code, offs, mask, True)
-            _store(f32, bf16, f16, a_off, a_off, a_code, offs, _lerp(a, b, w), mask, True)
+            new = _finite_or_keep(_lerp(a, b, w), a, b, SKIP_NONFINITE)
+            _store(f32, bf16, f16, a_off, a_off, a_code, offs, new, mask, True)
 
 
 @triton.jit

@@ -132,16 +132,18 @@ def _nonempty(pairs) -> list:
     return [(a, b) for a, b in pairs if a.numel()]
 
 
-def update(pairs, weight: float, weight_ptr: Optional[torch.Tensor] = None) -> None:
+def update(pairs, weight: float, weight_ptr: Optional[torch.Tensor] = None,
+           skip_nonfinite: bool = False) -> None:
     """``a += weight * (b - a)`` for every supported pair, one launch; weight 0 launches
     nothing and weight 1 copies (both exact, and the pairs still checked).
 
     With ``weight_ptr`` (a 1-element float32 device tensor) the weight is read on the
     device, so a captured CUDA graph replays with whatever value it holds then.
+    ``skip_nonfinite``: elements whose param is NaN or +-Inf keep their shadow.
     """
     pairs = _nonempty(pairs)
     if pairs:
-        Prepared(pairs).update_(weight if weight_ptr is None else weight_ptr)
+        Prepared(pairs).update_(weight if weight_ptr is None else weight_ptr, skip_nonfinite)
 
 
 def copy(pairs, scale: float, scale_ptr: Optional[torch.Tensor] = None) -> None:
@@ -173,16 +175,18 @@ class Prepared:
         pairs = _nonempty(pairs)
         self.plan = plan_for(pairs, pairs[0][0].device) if pairs else None
 
-    def update_(self, weight) -> None:
+    def update_(self, weight, skip_nonfinite: bool = False) -> None:
         if self.plan is None:
             return
+        skip = bool(skip_nonfinite)
         if isinstance(weight, torch.Tensor):  # read on the device: the kernel does the ends
-            run(update_kernel, self.plan, *self.plan.views, 0.0, weight, WEIGHT_FROM_PTR=True)
-        elif weight == 1.0:
+            run(update_kernel, self.plan, *self.plan.views, 0.0, weight, WEIGHT_FROM_PTR=True,
+                SKIP_NONFINITE=skip)
+        elif weight == 1.0 and not skip:  # with skip, the update kernel keeps the shadows
             self.copy_(1.0)
         elif weight != 0.0:
             run(update_kernel, self.plan, *self.plan.views, float(weight), self.plan.views[0],
-                WEIGHT_FROM_PTR=False)
+                WEIGHT_FROM_PTR=False, SKIP_NONFINITE=skip)
 
     def copy_(self, scale: float) -> None:
         if self.plan is not None:

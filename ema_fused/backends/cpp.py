@@ -33,20 +33,20 @@ def _split(kind: str, a: Tensors, b: Tensors):
     return foreach.split_for_kernels(kind, a, b, supported)
 
 
-def _kernel_update(shadows: list, params: list, weight) -> None:
+def _kernel_update(shadows: list, params: list, weight, skip_nonfinite: bool) -> None:
     if not shadows:
         return
     if isinstance(weight, torch.Tensor):  # graph-safe: read at run time
-        torch.ops.ema_fused.kernel_update_graph_safe_(shadows, params, weight)
+        torch.ops.ema_fused.kernel_update_graph_safe_(shadows, params, weight, skip_nonfinite)
     else:
-        torch.ops.ema_fused.kernel_update_(shadows, params, weight)
+        torch.ops.ema_fused.kernel_update_(shadows, params, weight, skip_nonfinite)
 
 
-def update_(shadows: Tensors, params: Tensors, weight) -> None:
+def update_(shadows: Tensors, params: Tensors, weight, skip_nonfinite: bool = False) -> None:
     ks, kp, rs, rp = _split("update", shadows, params)
-    _kernel_update(ks, kp, weight)
+    _kernel_update(ks, kp, weight, skip_nonfinite)
     if rs:
-        foreach.update_unchecked(rs, rp, weight)
+        foreach.update_unchecked(rs, rp, weight, skip_nonfinite)
 
 
 def copy_(dst: Tensors, src: Tensors, scale: float) -> None:
@@ -78,15 +78,15 @@ class _Prepared:
         # a backend of this file is chosen only once the extension is loaded
         self._held = extension.module().PairSet(self.ks, self.kp) if self.ks else None
 
-    def update_(self, weight) -> None:
+    def update_(self, weight, skip_nonfinite: bool = False) -> None:
         if self._held is None or torch.compiler.is_compiling():
-            _kernel_update(self.ks, self.kp, weight)
+            _kernel_update(self.ks, self.kp, weight, skip_nonfinite)
         elif isinstance(weight, torch.Tensor):
-            self._held.update_graph_safe_(weight)
+            self._held.update_graph_safe_(weight, skip_nonfinite)
         else:
-            self._held.update_(weight)
+            self._held.update_(weight, skip_nonfinite)
         if self.rs:
-            foreach.update_unchecked(self.rs, self.rp, weight)
+            foreach.update_unchecked(self.rs, self.rp, weight, skip_nonfinite)
 
     def copy_(self, scale: float) -> None:
         if self._held is not None and not torch.compiler.is_compiling():

@@ -92,9 +92,29 @@ def _update_tensor_weight_(pairs: Pairs, weight: torch.Tensor) -> None:
             s.copy_(torch.where(keep, start, torch.where(take, end, start.lerp(end, w))))
 
 
+def _finite_pieces(shadows: Sequence[torch.Tensor], params: Sequence[torch.Tensor]):
+    """Piece by piece: (shadows, params with each NaN/Inf element replaced by its
+    shadow's value, in the pair's wider dtype).  ``lerp(s, s, w)`` is exactly ``s`` on
+    both sides of the two-sided lerp, so updating with these leaves those elements as
+    they were and all others as the plain update would (the kernels decide in
+    registers instead; this fallback pays one temporary piece)."""
+    pairs = [(s, p) for s, p in zip(shadows, params) if s.numel()]
+    for piece in pieces(pairs, piece_elements(pairs[0][0].device)) if pairs else ():
+        clean = []
+        for s, p in piece:
+            wide = torch.promote_types(s.dtype, p.dtype)
+            clean.append(torch.where(torch.isfinite(p), p.to(wide), s.to(wide)))
+        yield [s for s, _ in piece], clean
+
+
 def update_unchecked(shadows: Sequence[torch.Tensor], params: Sequence[torch.Tensor],
-                     weight) -> None:
+                     weight, skip_nonfinite: bool = False) -> None:
     """:func:`update_` without the overlap check, for callers that made it already."""
+    if skip_nonfinite:
+        if isinstance(weight, torch.Tensor) or weight != 0.0:
+            for s, clean in _finite_pieces(shadows, params):
+                update_unchecked(s, clean, weight)
+        return
     if isinstance(weight, torch.Tensor):
         pairs = [(s, p) for s, p in zip(shadows, params) if s.numel()]
         if pairs:
@@ -146,14 +166,16 @@ def swap_unchecked(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> None
             torch._foreach_copy_(ys, tmp)
 
 
-def update_(shadows: Sequence[torch.Tensor], params: Sequence[torch.Tensor], weight) -> None:
+def update_(shadows: Sequence[torch.Tensor], params: Sequence[torch.Tensor], weight,
+            skip_nonfinite: bool = False) -> None:
     """``shadows[i] += weight * (params[i] - shadows[i])`` with ``torch._foreach_lerp_``;
     weight 0 changes nothing and weight 1 copies, exactly, as in the kernels.
 
     ``weight``: a Python number, or a 1-element device tensor (graph-safe form).
+    ``skip_nonfinite``: elements whose param is NaN or +-Inf keep their shadow.
     Pairs that share memory are refused first (:func:`check_no_overlap`)."""
     check_no_overlap("update", shadows, params)
-    update_unchecked(shadows, params, weight)
+    update_unchecked(shadows, params, weight, skip_nonfinite)
 
 
 def copy_(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor], scale: float) -> None:
@@ -195,8 +217,8 @@ class _Prepared:
         check_no_overlap("update", shadows, params)
         self.shadows, self.params = list(shadows), list(params)
 
-    def update_(self, weight) -> None:
-        update_unchecked(self.shadows, self.params, weight)
+    def update_(self, weight, skip_nonfinite: bool = False) -> None:
+        update_unchecked(self.shadows, self.params, weight, skip_nonfinite)
 
     def copy_(self, scale: float) -> None:
         copy_unchecked(self.shadows, self.params, scale)

@@ -27,7 +27,9 @@ class BackendUnavailableError(RuntimeError):
 class Backend:
     """A kernel family: ``update_``, ``copy_``, ``swap_`` over lists of tensors on one device.
 
-    ``update_(shadows, params, weight)``: ``shadows[i] += weight * (params[i] - shadows[i])``.
+    ``update_(shadows, params, weight, skip_nonfinite=False)``: ``shadows[i] += weight *
+    (params[i] - shadows[i])``; with ``skip_nonfinite`` an element whose param is NaN or
+    +-Inf keeps its shadow.
     ``copy_(dst, src, scale)``: ``dst[i] = src[i] * scale`` cast to ``dst[i].dtype``.
     ``swap_(a, b)``: exchange ``a[i]`` and ``b[i]`` (equal dtypes).
     """
@@ -45,9 +47,9 @@ class Backend:
         # just in time there); ``auto`` never runs it
         self.on_request = on_request
         self.swap_ = swap_
-        # prepare(shadows, params) -> object with update_(weight) and copy_(scale) that
-        # skips per-call checks and table look-ups; only for callers that re-check the
-        # tensors' addresses, dtypes and layouts before each reuse (EMA does)
+        # prepare(shadows, params) -> object with update_(weight, skip_nonfinite=False) and
+        # copy_(scale) that skips per-call checks and table look-ups; only for callers
+        # that re-check the tensors' addresses, dtypes and layouts before each reuse (EMA)
         self.prepare = prepare
         # device types where ``auto`` may take it (None: wherever it can run); the
         # Triton interpreter can run on the CPU, but only a test would want that

@@ -94,14 +94,14 @@ def _split(kind: str, a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]):
     return list(zip(ka, kb)), rest_a, rest_b
 
 
-def update_(shadows, params, weight) -> None:
+def update_(shadows, params, weight, skip_nonfinite: bool = False) -> None:
     ok, rest_s, rest_p = _split("update", shadows, params)
     if isinstance(weight, torch.Tensor):  # graph-safe: the kernel reads it on the device
-        _launcher().update(ok, 0.0, weight_ptr=weight)
+        _launcher().update(ok, 0.0, weight_ptr=weight, skip_nonfinite=skip_nonfinite)
     else:
-        _launcher().update(ok, weight)
+        _launcher().update(ok, weight, skip_nonfinite=skip_nonfinite)
     if rest_s:
-        foreach.update_unchecked(rest_s, rest_p, weight)
+        foreach.update_unchecked(rest_s, rest_p, weight, skip_nonfinite)
 
 
 def copy_(dst, src, scale: float) -> None:
@@ -118,10 +118,10 @@ class _Prepared:
         ok, self.rest_s, self.rest_p = _split("update", shadows, params)
         self.kernels = _launcher().Prepared(ok)
 
-    def update_(self, weight) -> None:
-        self.kernels.update_(weight)
+    def update_(self, weight, skip_nonfinite: bool = False) -> None:
+        self.kernels.update_(weight, skip_nonfinite)
         if self.rest_s:
-            foreach.update_unchecked(self.rest_s, self.rest_p, weight)
+            foreach.update_unchecked(self.rest_s, self.rest_p, weight, skip_nonfinite)
 
     def copy_(self, scale: float) -> None:
         self.kernels.copy_(scale)

@@ -44,7 +44,7 @@ void emulate(const char* op, at::TensorList a, at::TensorList b, float scalar, b
   }
 }
 
-// kind: "update" | "copy" | "swap".  Returns the per-thread counts of each traced path:
+// kind: "update" | "update_finite" | "copy" | "swap".  Returns the per-thread counts of each traced path:
 // [tile entries read, full tiles with vector b, full tiles with scalar b, guarded
 // partial tiles, head elements].
 std::vector<int64_t> run(at::TensorList a, at::TensorList b, const std::string& kind,
@@ -53,6 +53,8 @@ std::vector<int64_t> run(at::TensorList a, at::TensorList b, const std::string& 
   const float s = static_cast<float>(scalar);
   if (kind == "update") {
     emulate<Kind::Update>("emulated update", a, b, s, from_ptr);
+  } else if (kind == "update_finite") {  // skip_nonfinite (its weight 1 runs CopyFinite)
+    emulate<Kind::UpdateFinite>("emulated update", a, b, s, from_ptr);
   } else if (kind == "copy") {
     emulate<Kind::Copy>("emulated copy", a, b, s, from_ptr);
   } else {
