@@ -187,7 +187,8 @@ def test_the_triton_backend_makes_one_launch_for_every_dtype_mix(monkeypatch):
     from ema_fused.triton_kernels import sum_kernels
     launches = []
     real = sum_kernels.run
-    monkeypatch.setattr(sum_kernels, "run", lambda k, *a, **kw: (launches.append(k), real(k, *a, **kw)))
+    monkeypatch.setattr(sum_kernels, "run",
+                        lambda k, *a, **kw: (launches.append(k), real(k, *a, **kw)))
     gen = seeded("launch")
     check([rand(n, torch.float32, gen) for n in (5, 2049, 0, 77)],
           [rand(n, d, gen) for n, d in zip((5, 2049, 0, 77), IN_DTYPES[:3] * 2)], 0.7, "triton")
