@@ -5,11 +5,19 @@ in time (with ninja, into torch's extension cache) unless an AOT build is instal
 The CUDA kernels are built when a CUDA toolkit (``CUDA_HOME``/nvcc) and a CUDA build
 of torch are present; ``TORCH_CUDA_ARCH_LIST`` picks the GPU arches (default: the
 visible GPUs, or 8.0, 9.0 and the newest the toolkit knows when none is visible).
+
+``python -m ema_fused average A.pt B.pt C.pt [--weights ...] [--key model] [--no-strict]
+[--dtype float32] --out avg.pt``: the weighted average of checkpoints
+(:func:`ema_fused.average_checkpoints`), one source in memory at a time, a progress line
+per source on stderr.  Every command takes ``--help``.
 """
 from __future__ import annotations
 
+import argparse
+import os
 import platform
 import sys
+from typing import Optional
 
 import torch
 
@@ -54,28 +62,14 @@ def report() -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str]) -> int:
-    if argv and argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0
-    if argv and argv[0] == "build":
-        return _build(argv[1:])
-    if argv:
-        print(f"unknown command {argv[0]!r}; run without arguments for the report, or "
-              "'build'", file=sys.stderr)
-        return 2
+def _report(args: argparse.Namespace) -> int:
     print(report())
     return 0
 
 
-def _build(args: list[str]) -> int:
-    unknown = [a for a in args if a not in ("--cpu-only", "--verbose")]
-    if unknown:
-        print(f"unknown option(s) for build: {' '.join(unknown)}", file=sys.stderr)
-        return 2
+def _build(args: argparse.Namespace) -> int:
     try:
-        how = _extension.build(with_cuda=False if "--cpu-only" in args else None,
-                               verbose="--verbose" in args)
+        how = _extension.build(with_cuda=False if args.cpu_only else None, verbose=args.verbose)
     except Exception as exc:  # report any build failure as one clear line
         print(f"ema_fused: the build failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
@@ -84,5 +78,79 @@ def _build(args: list[str]) -> int:
     return 0
 
 
+def _average(args: argparse.Namespace) -> int:
+    from .averaging import _average as average
+
+    total = len(args.sources)
+
+    def progress(i: int, source, tensors: int, nbytes: int, seconds: float) -> None:
+        print(f"ema_fused average: [{i + 1}/{total}] {source}: {tensors} tensors, "
+              f"{nbytes / 2**20:.1f} MiB in {seconds:.2f} s", file=sys.stderr, flush=True)
+
+    try:
+        result = average(args.sources, args.weights, key=args.key, strict=args.strict,
+                         dtype=getattr(torch, args.dtype), map_location=args.map_location,
+                         on_source=progress)
+        # a partial file never takes the output's name: write aside, then rename
+        tmp = f"{args.out}.tmp{os.getpid()}"
+        torch.save(result, tmp)
+        os.replace(tmp, args.out)
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError) as exc:
+        text = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"ema_fused average: {type(exc).__name__}: {text}", file=sys.stderr)
+        return 1
+    print(f"ema_fused average: wrote {len(result)} tensors to {args.out}", file=sys.stderr)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line: ``report`` (the default), ``build`` and ``average``."""
+    top = argparse.ArgumentParser(
+        prog="python -m ema_fused", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__.replace("``", "`").replace(":func:", ""))
+    commands = top.add_subparsers(dest="command", metavar="{report,build,average}")
+    rep = commands.add_parser("report", help="versions, the device and every backend "
+                              "(what `python -m ema_fused` prints)")
+    rep.set_defaults(run=_report)
+    build = commands.add_parser(
+        "build", help="build the C++/CUDA extension just in time",
+        description="Build the C++/CUDA extension just in time (ninja, into torch's extension "
+                    "cache) unless an AOT build is installed. TORCH_CUDA_ARCH_LIST picks the "
+                    "GPU arches.")
+    build.add_argument("--cpu-only", action="store_true", help="leave the CUDA kernels out")
+    build.add_argument("--verbose", action="store_true", help="show the compiler's output")
+    build.set_defaults(run=_build)
+    avg = commands.add_parser(
+        "average", help="the weighted average of checkpoints (SWA)",
+        description="Average the floating-point tensors of checkpoints (weights normalised by "
+                    "their sum; integer tensors from the last source), one source in memory "
+                    "at a time; save the state dict with torch.save.")
+    avg.add_argument("sources", nargs="+", help="checkpoint files (torch.save)")
+    avg.add_argument("--out", required=True, help="where to write the averaged state dict")
+    avg.add_argument("--weights", nargs="+", type=float, metavar="W",
+                     help="one weight per source, normalised by their sum (default: uniform)")
+    avg.add_argument("--key", default=None,
+                     help="the state dict inside each checkpoint, e.g. model, state_dict, "
+                          "or a dotted path such as ema.shadows (default: the whole file)")
+    avg.add_argument("--no-strict", dest="strict", action="store_false",
+                     help="average the names every source holds and leave the rest out "
+                          "(default: refuse, listing every missing and unexpected name)")
+    avg.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                     help="dtype the sums are made and saved in (default: float32)")
+    avg.add_argument("--map-location", default="cpu",
+                     help="torch.load's map_location for the sources (default: cpu)")
+    avg.set_defaults(run=_average)
+    return top
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2, already explained on stderr)
+        return exc.code if isinstance(exc.code, int) else 2
+    return args.run(args) if args.command else _report(args)
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())
