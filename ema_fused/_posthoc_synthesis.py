@@ -1,0 +1,74 @@
+"""Post-hoc synthesis: the EMA of another width as a weighted sum of snapshots (EDM2 Sec. 3.2).
+
+The coefficients come from :func:`ema_fused.posthoc_solve.solve_coefficients` (Algorithm 3,
+normalised to sum 1) over every (snapshot, profile) pair up to the target step; the sum
+is streamed, one snapshot in memory at a time (files are memory-mapped), into fp32
+accumulators, so peak memory is the output plus one snapshot.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from . import _posthoc_snapshots as snaps
+from .schedules import sigma_rel_to_gamma
+
+
+def _add_weighted(out: list[torch.Tensor], inputs: list[torch.Tensor], weight: float,
+                  backend: str) -> None:
+    """``out[i] += weight * inputs[i]`` in fp32 (the one place the weighted-sum op of
+    issue 14 will take over)."""
+    for o, x in zip(out, inputs):
+        o.add_(x.to(o.dtype), alpha=weight)
+
+
+def averages_at(step: int, update_every: int, update_after_step: int) -> int:
+    """The profile time of ``step``: how many averaging updates have run by then."""
+    return max(0, step // update_every - update_after_step // update_every)
+
+
+def coefficients(chosen: Sequence[dict], gamma: float, step: Optional[int]) -> torch.Tensor:
+    """One float64 coefficient per (snapshot, profile), snapshot-major."""
+    from .posthoc_solve import solve_coefficients  # the math lives in its own module
+
+    first = chosen[0]
+    if step is None:
+        target = chosen[-1]["t"]
+    else:
+        target = averages_at(step, first["update_every"], first["update_after_step"])
+    if target < 1:
+        raise ValueError(f"PostHocEMA.synthesize: no average had run by step {step} "
+                         f"(update_after_step={first['update_after_step']})")
+    times = [float(s["t"]) for s in chosen for _ in s["gammas"]]
+    gammas = [float(g) for s in chosen for g in s["gammas"]]
+    return solve_coefficients(times, gammas, float(target), gamma)
+
+
+def synthesize(sources: Sequence[snaps.Source], sigma_rel: float, step: Optional[int],
+               backend: str = "auto") -> dict[str, torch.Tensor]:
+    """The synthesized weights (name -> CPU tensor) for profile ``sigma_rel`` at ``step``
+    (default: the last snapshot's), from the snapshots ``sources`` with a step ``<=``
+    ``step``.  Averaged tensors are fp32; copied ones (integers, ``buffers="copy"``) are
+    the latest chosen snapshot's; tied names are included."""
+    gamma = sigma_rel_to_gamma(sigma_rel)
+    picked, chosen = snaps.pick(sources, step)
+    for src, snap in zip(picked, chosen):
+        snaps.check_like(chosen[0], snap, snaps.where(src))
+    coeffs = coefficients(chosen, gamma, step).tolist()
+    names = list(chosen[0]["profiles"][0])
+    out = [torch.zeros(chosen[0]["profiles"][0][n].shape, dtype=torch.float32) for n in names]
+    del chosen  # drop the mappings: one snapshot at a time below
+    i = 0
+    for src in picked:
+        snap = snaps.load(src)
+        for shadows in snap["profiles"]:
+            _add_weighted(out, [shadows[n] for n in names], coeffs[i], backend)
+            i += 1
+        del snap, shadows
+    result = dict(zip(names, out))
+    last = snaps.load(picked[-1])
+    result.update({n: t.clone() for n, t in last["copied"].items()})
+    for alias, name in last["aliases"].items():
+        result[alias] = result[name]
+    return result
