@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from . import _posthoc_snapshots as _snaps
 from .ema import EMA
 from ._staging import copy_across_, update_across_
 from .schedules import Schedule, karras_power
@@ -37,7 +38,7 @@ class PowerProfile(karras_power):
 
     def averages_at(self, step: int) -> int:
         """How many averaging updates have run by ``step`` (0 while it only copied)."""
-        return max(0, step // self.update_every - self.update_after_step // self.update_every)
+        return _snaps.averages_at(step, self.update_every, self.update_after_step)
 
     def decay(self, n: int) -> float:
         return super().decay(self.averages_at(n + self.update_after_step))

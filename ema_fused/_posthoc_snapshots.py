@@ -140,19 +140,35 @@ def check_like(first: Snapshot, snap: Snapshot, label: str) -> None:
                                  "elsewhere")
 
 
-def pick(sources: Sequence[Source], step: Optional[int]) -> tuple[list[Source], list[Snapshot]]:
-    """The sources whose step is ``<= step`` (all for None), with their (lazy) contents."""
+def averages_at(step: int, update_every: int, update_after_step: int) -> int:
+    """The profile time of ``step``: how many averaging updates have run by then."""
+    return max(0, step // update_every - update_after_step // update_every)
+
+
+def pick(sources: Sequence[Source], step: Optional[int]
+         ) -> tuple[list[Source], list[Snapshot], int]:
+    """The sources whose step is ``<= step`` (all for None), their (lazy) contents, and
+    the target's profile time.  The target must be the time of one of them: after the
+    last one chosen, no snapshot holds the updates in between."""
     snaps = [load(s) for s in sources]
     if not snaps:
         raise ValueError("PostHocEMA: no snapshots to synthesize from; call snapshot() or "
                          "set snapshot_every")
     order = sorted(range(len(snaps)), key=lambda i: snaps[i]["step"])
-    first, last = snaps[order[0]]["step"], snaps[order[-1]]["step"]
-    if step is not None and step < first:
+    steps = [snaps[i]["step"] for i in order]
+    if step is not None and step < steps[0]:
         raise ValueError(f"PostHocEMA.synthesize: step {step} comes before the first "
-                         f"snapshot (step {first})")
-    if step is not None and step > last:
-        raise ValueError(f"PostHocEMA.synthesize: step {step} comes after the last snapshot "
-                         f"(step {last}); no snapshot covers the profile there")
+                         f"snapshot (step {steps[0]})")
     keep = [i for i in order if step is None or snaps[i]["step"] <= step]
-    return [sources[i] for i in keep], [snaps[i] for i in keep]
+    last = snaps[keep[-1]]
+    target = last["t"] if step is None else averages_at(step, last["update_every"],
+                                                         last["update_after_step"])
+    if target != last["t"] and len(keep) == len(steps):
+        raise ValueError(f"PostHocEMA.synthesize: step {step} comes after the last snapshot "
+                         f"(step {steps[-1]}); no snapshot holds the updates since")
+    if target != last["t"]:
+        after = steps[len(keep)]
+        raise ValueError(f"PostHocEMA.synthesize: step {step} falls between the snapshots of "
+                         f"steps {last['step']} and {after}; no snapshot holds the updates "
+                         "after the first, so pick a snapshot's step")
+    return [sources[i] for i in keep], [snaps[i] for i in keep], target

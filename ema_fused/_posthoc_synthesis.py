@@ -23,23 +23,11 @@ def _add_weighted(out: list[torch.Tensor], inputs: list[torch.Tensor], weight: f
         o.add_(x.to(o.dtype), alpha=weight)
 
 
-def averages_at(step: int, update_every: int, update_after_step: int) -> int:
-    """The profile time of ``step``: how many averaging updates have run by then."""
-    return max(0, step // update_every - update_after_step // update_every)
-
-
-def coefficients(chosen: Sequence[dict], gamma: float, step: Optional[int]) -> torch.Tensor:
-    """One float64 coefficient per (snapshot, profile), snapshot-major."""
+def coefficients(chosen: Sequence[dict], gamma: float, target: int) -> torch.Tensor:
+    """One float64 coefficient per (snapshot, profile), snapshot-major, for the profile
+    ``gamma`` at time ``target`` (EDM2 Algorithm 3, normalised to sum 1)."""
     from .posthoc_solve import solve_coefficients  # the math lives in its own module
 
-    first = chosen[0]
-    if step is None:
-        target = chosen[-1]["t"]
-    else:
-        target = averages_at(step, first["update_every"], first["update_after_step"])
-    if target < 1:
-        raise ValueError(f"PostHocEMA.synthesize: no average had run by step {step} "
-                         f"(update_after_step={first['update_after_step']})")
     times = [float(s["t"]) for s in chosen for _ in s["gammas"]]
     gammas = [float(g) for s in chosen for g in s["gammas"]]
     return solve_coefficients(times, gammas, float(target), gamma)
@@ -52,10 +40,10 @@ def synthesize(sources: Sequence[snaps.Source], sigma_rel: float, step: Optional
     ``step``.  Averaged tensors are fp32; copied ones (integers, ``buffers="copy"``) are
     the latest chosen snapshot's; tied names are included."""
     gamma = sigma_rel_to_gamma(sigma_rel)
-    picked, chosen = snaps.pick(sources, step)
+    picked, chosen, target = snaps.pick(sources, step)
     for src, snap in zip(picked, chosen):
         snaps.check_like(chosen[0], snap, snaps.where(src))
-    coeffs = coefficients(chosen, gamma, step).tolist()
+    coeffs = coefficients(chosen, gamma, target).tolist()
     names = list(chosen[0]["profiles"][0])
     out = [torch.zeros(chosen[0]["profiles"][0][n].shape, dtype=torch.float32) for n in names]
     del chosen  # drop the mappings: one snapshot at a time below
