@@ -130,6 +130,14 @@ EMA_FUSED_CLONES void copy_range(void* d_raw, void* s_raw, int64_t n, float scal
   for (int64_t i = 0; i < n; ++i) d[i] = D::store(S::load(s[i]) * scale);
 }
 
+// out += w * in, out float32: a weighted sum (10 bytes per element for a bf16 input).
+template <typename P>
+EMA_FUSED_CLONES void accumulate_range(void* o_raw, void* i_raw, int64_t n, float w) {
+  auto* __restrict__ o = static_cast<float*>(o_raw);
+  const auto* __restrict__ in = static_cast<const typename P::Raw*>(i_raw);
+  for (int64_t i = 0; i < n; ++i) o[i] += w * P::load(in[i]);
+}
+
 // Swap moves raw 2- or 4-byte units: bit-exact for every dtype of that size.
 template <typename U>
 EMA_FUSED_CLONES void swap_range(void* a_raw, void* b_raw, int64_t n, float) {
@@ -169,6 +177,9 @@ std::vector<Chunk> plan(const char* op, at::TensorList a, at::TensorList b, Kind
     RangeFn fn = nullptr;
     if (kind == Kind::Swap) {
       fn = p.code_a == kFloat ? swap_range<uint32_t> : swap_range<uint16_t>;
+    } else if (kind == Kind::Accumulate) {  // check_pairs took float32 outs only
+      fn = p.code_b == 0 ? accumulate_range<F32>
+                         : p.code_b == 1 ? accumulate_range<BF16> : accumulate_range<F16>;
     } else {
       fn = kind == Kind::Update ? Table<Update>::get(p.code_a, p.code_b)
                                 : Table<Copy>::get(p.code_a, p.code_b);
@@ -265,6 +276,16 @@ void kernel_swap_cpu(at::TensorList a, at::TensorList b) {
   run(plan("kernel_swap_", a, b, Kind::Swap, Kind::Swap), 0.0f);
 }
 
+// Any finite weight (negative ones too: post-hoc EMA's solution has them).  Weight 0 adds
+// nothing and reads nothing (the inputs are still checked; an Inf input adds no NaN).
+void kernel_weighted_sum_cpu(at::TensorList out, at::TensorList inputs, double weight) {
+  TORCH_CHECK_VALUE(std::isfinite(static_cast<float>(weight)),
+                    "kernel_weighted_sum_: weight must be finite in float32, got ", weight);
+  std::vector<Chunk> chunks =
+      plan("kernel_weighted_sum_", out, inputs, Kind::Accumulate, Kind::Accumulate);
+  if (weight != 0.0) run(std::move(chunks), static_cast<float>(weight));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ema_fused, CPU, m) {
@@ -272,4 +293,5 @@ TORCH_LIBRARY_IMPL(ema_fused, CPU, m) {
   m.impl("kernel_update_graph_safe_", &kernel_update_graph_safe_cpu);
   m.impl("kernel_copy_", &kernel_copy_cpu);
   m.impl("kernel_swap_", &kernel_swap_cpu);
+  m.impl("kernel_weighted_sum_", &kernel_weighted_sum_cpu);
 }

@@ -189,6 +189,21 @@ void kernel_swap_cuda(at::TensorList a, at::TensorList b) {
   launch<Kind::Swap>("kernel_swap_", a, b, 0.0f, nullptr);
 }
 
+// out[i] += weight * inputs[i].  Weight 0 checks the inputs and launches nothing.
+void kernel_weighted_sum_cuda(at::TensorList out, at::TensorList inputs, double weight) {
+  const char* op = "kernel_weighted_sum_";
+  TORCH_CHECK_VALUE(std::isfinite(static_cast<float>(weight)), op,
+                    ": weight must be finite in float32, got ", weight);
+  if (weight == 0.0) {
+    if (!out.empty() && out[0].defined()) {
+      check_overlaps(op, check_pairs(op, out, inputs, Kind::Accumulate, out[0].device()),
+                     Kind::Accumulate);
+    }
+    return;
+  }
+  launch<Kind::Accumulate>(op, out, inputs, static_cast<float>(weight), nullptr);
+}
+
 }  // namespace
 }  // namespace ema_fused
 
@@ -197,4 +212,5 @@ TORCH_LIBRARY_IMPL(ema_fused, CUDA, m) {
   m.impl("kernel_update_graph_safe_", &ema_fused::kernel_update_graph_safe_cuda);
   m.impl("kernel_copy_", &ema_fused::kernel_copy_cuda);
   m.impl("kernel_swap_", &ema_fused::kernel_swap_cuda);
+  m.impl("kernel_weighted_sum_", &ema_fused::kernel_weighted_sum_cuda);
 }

@@ -1,6 +1,6 @@
 // Kernel-level op schemas of ema_fused's C++ extension (ema_fused._C).
 //
-// The public ops (ema_fused::update_, copy_, swap_) are defined in Python
+// The public ops (ema_fused::update_, copy_, swap_, weighted_sum_) are defined in Python
 // (ema_fused/ops.py) and choose a backend per device; the "cpu" and "cuda" backends
 // call the kernel ops below.  They are defined here once (a FRAGMENT, since Python
 // also adds ops to the namespace); each device's kernels register beside their
@@ -23,4 +23,6 @@ TORCH_LIBRARY_FRAGMENT(ema_fused, m) {
   m.def("kernel_copy_(Tensor(a!)[] dst, Tensor[] src, float scale) -> ()");
   // Exchange the contents of a[i] and b[i] (equal dtypes).
   m.def("kernel_swap_(Tensor(a!)[] a, Tensor(b!)[] b) -> ()");
+  // out[i] += weight * inputs[i] (out float32, any finite weight); fp32 math, rounded once.
+  m.def("kernel_weighted_sum_(Tensor(a!)[] out, Tensor[] inputs, float weight) -> ()");
 }

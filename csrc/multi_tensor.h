@@ -7,7 +7,8 @@
 //
 // Napkin math (the bound): update, bf16 param + fp32 shadow = 2 + 4 + 4 = 10 bytes
 // per element; fp32 + fp32 = 12; copy-out reads the source and writes the
-// destination only (the destination is not read); swap reads and writes both.
+// destination only (the destination is not read); swap reads and writes both;
+// accumulate (a weighted sum) reads both and writes `a`: fp32 out + bf16 input = 10.
 // At ~4.3 TB/s of H200 copy bandwidth a 1.1B-parameter bf16 model moves 11 GB, so
 // about 2.6 ms is the floor.
 //
@@ -44,7 +45,7 @@ constexpr int kPerThread = kVec * kUnroll;                 // 16 elements
 constexpr int64_t kTile = int64_t(kThreads) * kPerThread;  // 4096 elements
 constexpr int kRow = 4;        // int64 words per tensor row: a, b, numel, code
 
-enum class Kind { Update, Copy, Swap };
+enum class Kind { Update, Copy, Swap, Accumulate };
 
 // What a thread did, for the emulation's counters: read a tile entry; ran a full tile
 // with vector accesses to both sides / vector `a` and scalar `b`; ran a partial tile
@@ -120,7 +121,8 @@ struct alignas(sizeof(T) * kVec) Vec {
   T v[kVec];
 };
 
-// One element: Update a += s * (b - a); Copy a = b * s; Swap a <-> b.  fp32 math,
+// One element: Update a += s * (b - a); Copy a = b * s; Swap a <-> b; Accumulate
+// a += s * b (a weighted sum, `a` float32 only: run_tile dispatches no other).  fp32 math,
 // rounded once into the destination's dtype (c10's conversions round to nearest even).
 // The update is the two-sided lerp of torch.lerp and the CPU kernels: for s >= 0.5 it
 // is b - (1 - s) * (b - a), where 1 - s is exact.  s = 0 and s = 1 never get here
@@ -132,6 +134,8 @@ EMA_HD void apply(A& a, B& b, float s) {
     a = static_cast<A>(s < 0.5f ? x + s * (y - x) : y - (1.0f - s) * (y - x));
   } else if constexpr (K == Kind::Copy) {
     a = static_cast<A>(static_cast<float>(b) * s);
+  } else if constexpr (K == Kind::Accumulate) {
+    a = static_cast<A>(static_cast<float>(a) + s * static_cast<float>(b));
   } else {
     const A t = a;
     a = b;
@@ -263,7 +267,14 @@ EMA_HD void run_tile(const int64_t* table, int64_t n_rows, int64_t e, int t, flo
   using f32 = float;
   using bf16 = c10::BFloat16;
   using f16 = c10::Half;
-  if constexpr (K == Kind::Swap) {  // equal dtypes only (codes 0, 4, 8): move raw bits
+  if constexpr (K == Kind::Accumulate) {  // float32 out only (pairs.h): codes 0, 3, 6
+    switch (code & 15) {
+      case 0: return row_tile<K, f32, f32>(base, a, b, n, head, tile, vb, t, s);
+      case 3: return row_tile<K, f32, bf16>(base, a, b, n, head, tile, vb, t, s);
+      case 6: return row_tile<K, f32, f16>(base, a, b, n, head, tile, vb, t, s);
+      default: return;
+    }
+  } else if constexpr (K == Kind::Swap) {  // equal dtypes only (codes 0, 4, 8): move raw bits
     if ((code & 15) == 0) return row_tile<K, uint32_t, uint32_t>(base, a, b, n, head, tile, vb, t, s);
     return row_tile<K, uint16_t, uint16_t>(base, a, b, n, head, tile, vb, t, s);
   } else {
@@ -294,6 +305,9 @@ EMA_HD void run_block(const int64_t* table, int64_t n_rows, int64_t e, int t, fl
   if constexpr (K == Kind::Update) {
     if (s == 0.0f) return;
     if (s == 1.0f) return run_tile<Kind::Copy>(table, n_rows, e, t, 1.0f);
+  }
+  if constexpr (K == Kind::Accumulate) {
+    if (s == 0.0f) return;  // adds nothing: nothing is read (an Inf input adds no NaN)
   }
   run_tile<K>(table, n_rows, e, t, s);
 }

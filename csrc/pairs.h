@@ -35,6 +35,7 @@ inline ListNames names_of(Kind kind) {
   switch (kind) {
     case Kind::Update: return {"shadows", "params"};
     case Kind::Copy: return {"dst", "src"};
+    case Kind::Accumulate: return {"out", "inputs"};
     default: return {"a", "b"};
   }
 }
@@ -52,7 +53,8 @@ inline bool element_aligned(const at::Tensor& t) {
 }
 
 // All pairs must be on `device` (for CUDA: the first tensor's device), of equal
-// shapes, contiguous, float32/bfloat16/float16 (equal dtypes for a swap), at addresses
+// shapes, contiguous, float32/bfloat16/float16 (equal dtypes for a swap, a float32
+// first side for an accumulation), at addresses
 // that are multiples of their element size, and the two sides of a pair must not
 // partially overlap (the same tensor on both sides is fine).  Empty pairs, and pairs
 // whose two sides are one tensor under an update or a swap (nothing changes), are left
@@ -79,6 +81,8 @@ inline std::vector<Pair> check_pairs(const char* op, at::TensorList a, at::Tenso
                 y.scalar_type(), "; only float32, bfloat16 and float16 are supported");
     TORCH_CHECK(kind != Kind::Swap || ca == cb, op, ": tensors[", i, "] have dtypes ",
                 x.scalar_type(), " and ", y.scalar_type(), "; swapping needs equal dtypes");
+    TORCH_CHECK(kind != Kind::Accumulate || ca == kFloat, op, ": out[", i, "] has dtype ",
+                x.scalar_type(), "; a weighted sum accumulates into float32 only");
     TORCH_CHECK(x.numel() < (int64_t(1) << 32) * kTile, op, ": tensors[", i, "] has ", x.numel(),
                 " elements, more than this kernel's tile table can address");
     if (x.numel() == 0) continue;  // nothing to do, and no table row needed
@@ -89,7 +93,10 @@ inline std::vector<Pair> check_pairs(const char* op, at::TensorList a, at::Tenso
     TORCH_CHECK_VALUE(at::get_overlap_status(x, y) != at::MemOverlapStatus::Partial, op,
                       ": tensors[", i, "] partially overlap");
     const void* yp = kind == Kind::Swap ? y.data_ptr() : y.const_data_ptr();
-    if (kind != Kind::Copy && x.const_data_ptr() == yp && ca == cb) continue;
+    // (a += s * a does change a: an accumulation keeps such a pair)
+    if (kind != Kind::Copy && kind != Kind::Accumulate && x.const_data_ptr() == yp && ca == cb) {
+      continue;
+    }
     pairs.push_back({x.data_ptr(), yp, x.numel(), ca, cb, static_cast<int>(x.element_size()),
                      static_cast<int>(y.element_size()), static_cast<int64_t>(i)});
   }

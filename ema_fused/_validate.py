@@ -85,7 +85,8 @@ def check_writable(op: str, name: str, ts: Sequence[torch.Tensor]) -> None:
 #: op name, list names and whether the second list is written, per kind of op
 OVERLAP_NAMES = {"update": ("ema_update_", "shadows", "params", False),
                  "copy": ("ema_copy_", "dst", "src", False),
-                 "swap": ("ema_swap_", "a", "b", True)}
+                 "swap": ("ema_swap_", "a", "b", True),
+                 "weighted_sum": ("ema_weighted_sum_", "out", "inputs", False)}
 
 
 def _span(t: torch.Tensor) -> tuple[int, int]:
@@ -131,7 +132,8 @@ def check_no_overlap(kind: str, a: Sequence[torch.Tensor], b: Sequence[torch.Ten
     same tensor on both sides of one pair (an in-place op) is fine.  Intervals are
     sorted once: O(n log n) for n pairs, nothing per element for dense tensors.
 
-    ``kind``: ``"update"``, ``"copy"`` or ``"swap"`` (which writes both lists).
+    ``kind``: ``"update"``, ``"copy"``, ``"weighted_sum"`` or ``"swap"`` (which writes
+    both lists).
     """
     op, a_name, b_name, b_written = OVERLAP_NAMES[kind]
     spans = []

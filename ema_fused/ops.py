@@ -12,6 +12,8 @@ raw ``_foreach_lerp_``), which is more than the update itself for small tensors.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Callable, Sequence
 
 import torch
@@ -183,3 +185,89 @@ def ema_swap_(a: Tensors, b: Tensors, *, backend: str = "auto") -> None:
     to put the averages into the model without a backup copy of it.
     """
     _run("swap", a, b, 0.0, backend)
+
+
+# --- The weighted sum: out[i] += weight * inputs[i] (checkpoint averaging, post-hoc EMA) ---
+
+#: dtypes a weighted sum accumulates into (float64 runs on the foreach path)
+SUM_OUT_DTYPES = (torch.float32, torch.float64)
+_FP32_MAX = torch.finfo(torch.float32).max
+
+
+def _check_weighted_sum(out: Tensors, inputs: Tensors, weight) -> float:
+    op = "ema_weighted_sum_"
+    if isinstance(weight, torch.Tensor):
+        raise TypeError(f"{op}: weight must be a Python number, got a tensor")
+    if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
+        raise TypeError(f"{op}: weight must be a real number, got {type(weight).__name__}")
+    weight = float(weight)
+    if not math.isfinite(weight):
+        raise ValueError(f"{op}: weight must be finite, got {weight}")
+    _validate.check_pairs(op, "out", out, "inputs", inputs)
+    for i, o in enumerate(out):
+        if o.dtype not in SUM_OUT_DTYPES:
+            raise TypeError(f"{op}: out[{i}] has dtype {o.dtype}; a weighted sum accumulates "
+                            "into float32 or float64 (sum into float32, then cast the result)")
+        if o.dtype == torch.float32 and abs(weight) > _FP32_MAX:
+            raise ValueError(f"{op}: weight {weight} overflows float32, the math dtype of "
+                             f"out[{i}]")
+    _validate.check_writable(op, "out", out)
+    return weight
+
+
+def _dispatch_weighted_sum(out: Tensors, inputs: Tensors, weight: float, backend: str) -> None:
+    """As :func:`dispatch`: a backend per device, all chosen (and, with several devices,
+    all pairs checked for overlaps) before anything is written."""
+    groups = group_by_device(out, inputs)
+    chosen = [(_backend.select(backend, dev), go, gi) for dev, (go, gi) in groups.items()]
+    if len(chosen) > 1:
+        for _, go, gi in chosen:
+            _validate.check_no_overlap("weighted_sum", go, gi)
+    with torch.no_grad():
+        for impl, go, gi in chosen:
+            (impl.weighted_sum_ or _fallback.weighted_sum_)(go, gi, weight)
+
+
+@torch.library.custom_op("ema_fused::weighted_sum_", mutates_args={"out"})
+def _weighted_sum_op(out: list[torch.Tensor], inputs: list[torch.Tensor], weight: float,
+                     backend: str) -> None:
+    weight = _check_weighted_sum(out, inputs, weight)
+    _dispatch_weighted_sum(out, inputs, weight, backend)
+
+
+@_weighted_sum_op.register_fake
+def _weighted_sum_fake(out, inputs, weight, backend) -> None:
+    _check_weighted_sum(out, inputs, weight)
+
+
+def ema_weighted_sum_(out: Tensors, inputs: Tensors, weight: float, *,
+                      backend: str = "auto") -> None:
+    """In place, for every i: ``out[i] += weight * inputs[i]``.
+
+    The building block of checkpoint averaging and post-hoc EMA: call it once per set
+    of inputs with that set's weight.  One launch per device on the kernel backends.
+
+    Args:
+        out: float32 (or float64) tensors, read and written.  Other dtypes are refused:
+            sum into float32 and cast the result once at the end.
+        inputs: float32/bfloat16/float16/float64 tensors, one per out, same shape and
+            device.  The math runs in the wider of the two dtypes, at least fp32 (fp32
+            for a bf16/fp16 input), and is rounded once into ``out[i]``.  A float64
+            input into a float32 out is accepted, as by ``ema_update_``: it is added in
+            float64 and rounded once (through the foreach path).  Non-contiguous or
+            float64 pairs go to the foreach path in the same call.
+        weight: any finite real number, negative ones included (it must fit in float32
+            for a float32 out).  0 leaves ``out`` untouched, not even read, so an Inf
+            input cannot make a NaN.
+        backend: ``"auto"`` or one of ``"cuda"``, ``"triton"``, ``"cpu"``, ``"foreach"``.
+
+    Pairs must not share memory with other pairs (the very same tensor as both out and
+    input of one pair is fine: it is scaled by ``1 + weight``).  Every check runs, and
+    raises naming the index, before anything is written.
+    """
+    out, inputs = list(out), list(inputs)
+    if torch.compiler.is_compiling():
+        torch.ops.ema_fused.weighted_sum_(out, inputs, weight, backend)
+        return
+    weight = _check_weighted_sum(out, inputs, weight)
+    _dispatch_weighted_sum(out, inputs, weight, backend)

@@ -42,15 +42,18 @@ def run(tmp_path_factory):
 
 
 
-def expected_trace(shadows, params) -> list[int]:
+def expected_trace(shadows, params, same_tensor_skipped=True) -> list[int]:
     """The per-thread path counts the kernels' layout gives (multi_tensor.h): a head of
     up to 3 elements aligns the first tensor; full tiles use vector accesses for it, and
     for the second tensor only when both start equally misaligned; a partial tile is
-    guarded.  [tile entries read, full vector, full scalar-b, guarded, head elements]."""
+    guarded.  [tile entries read, full vector, full scalar-b, guarded, head elements].
+    One tensor on both sides of a pair has no row, except in a weighted sum
+    (``same_tensor_skipped=False``: a += w * a changes a)."""
     out = [0] * 5
     for a, b in zip(shadows, params):
         n = a.numel()
-        if n == 0 or (a.data_ptr() == b.data_ptr() and a.dtype == b.dtype):
+        same = a.data_ptr() == b.data_ptr() and a.dtype == b.dtype
+        if n == 0 or (same and same_tensor_skipped):
             continue  # no row: empty, or one tensor on both sides
         head = (-(a.data_ptr() // a.element_size())) % 4
         vector_b = (b.data_ptr() + head * b.element_size()) % (4 * b.element_size()) == 0
@@ -229,3 +232,85 @@ def test_pairs_that_share_memory_are_refused_before_anything_is_written(run):
     shared = torch.ones(TILE)
     run([buf[:TILE], buf[TILE:2 * TILE]], [shared, shared], "update", 0.5)
     assert bool((buf[:2 * TILE] == 0.5).all()) and not buf[2 * TILE:].any()
+
+
+# --- Kind::Accumulate, the weighted sum: a += w * b, a float32 ---------------------------
+
+def _sum_reference(out, inputs, weight):
+    exact = [o.double() + weight * x.double() for o, x in zip(out, inputs)]
+    mags = [o.double().abs() + abs(weight) * x.double().abs() for o, x in zip(out, inputs)]
+    return exact, mags
+
+
+@pytest.mark.parametrize("weight", [0.3, -1.75, 1.0])
+@pytest.mark.parametrize("xd", DTYPES, ids=[str(d) for d in DTYPES])
+def test_weighted_sum_every_input_dtype_and_path(run, xd, weight):
+    gen = seeded("sum", xd, weight)
+    out = [rand(n, torch.float32, gen) for n in SIZES]
+    inputs = [rand(n, xd, gen) for n in SIZES]
+    exact, mags = _sum_reference(out, inputs, weight)
+    expected = expected_trace(out, inputs)
+    assert run(out, inputs, "weighted_sum", weight) == expected
+    assert expected[1] >= (1 + 1 + 3 + 67) * 256  # the aligned full tiles took the vector path
+    for o, e, m in zip(out, exact, mags):
+        assert_rounded_close(o, e, m, torch.float32)
+
+
+@pytest.mark.parametrize("offset_a,offset_b", [(1, 0), (0, 3), (2, 2), (3, 1)])
+def test_weighted_sum_misaligned_views(run, offset_a, offset_b):
+    gen = seeded("sum-m", offset_a, offset_b)
+    n = 3 * TILE + 5
+    base = rand(n + offset_a + 3, torch.float32, gen)
+    before = base.clone()
+    out = [base[offset_a:offset_a + n]]
+    inputs = [rand(n + offset_b, torch.bfloat16, gen)[offset_b:]]
+    exact, mags = _sum_reference(out, inputs, -0.4)
+    trace = run(out, inputs, "weighted_sum", -0.4)
+    assert trace == expected_trace(out, inputs)
+    assert trace[1 if offset_a == offset_b else 2] == ((n - (-offset_a) % 4) // TILE) * 256
+    assert_rounded_close(out[0], exact[0], mags[0], torch.float32)
+    assert torch.equal(base[:offset_a], before[:offset_a])  # nothing outside the view
+    assert torch.equal(base[offset_a + n:], before[offset_a + n:])
+
+
+@pytest.mark.parametrize("count", [1, 7, 111, 500])
+def test_weighted_sum_many_tensors(run, count):
+    gen = seeded("sum-n", count)
+    sizes = [int(n) for n in torch.randint(0, 3 * TILE, (count,), generator=gen)]
+    out = [rand(n, torch.float32, gen) for n in sizes]
+    inputs = [rand(n, DTYPES[i % 3], gen) for i, n in enumerate(sizes)]
+    exact, mags = _sum_reference(out, inputs, -0.01)
+    assert run(out, inputs, "weighted_sum", -0.01) == expected_trace(out, inputs)
+    for o, e, m in zip(out, exact, mags):
+        assert_rounded_close(o, e, m, torch.float32)
+
+
+@pytest.mark.parametrize("from_ptr", [False, True], ids=["scalar", "pointer"])
+def test_weighted_sum_zero_weight_reads_nothing(run, from_ptr):
+    out = [torch.randn(n) for n in SIZES]
+    inputs = [torch.full((n,), float("inf"), dtype=torch.bfloat16) for n in SIZES]
+    before = [o.clone() for o in out]
+    assert run(out, inputs, "weighted_sum", 0.0, from_ptr) == [0, 0, 0, 0, 0]
+    assert all(torch.equal(o, b) for o, b in zip(out, before))
+
+
+def test_weighted_sum_keeps_a_pair_of_one_tensor(run):
+    """a += w * a changes a (an update or a swap of one tensor with itself does nothing,
+    so those pairs get no row): the pair is kept and scaled by 1 + w."""
+    gen = seeded("sum-self")
+    t = rand(2 * TILE + 9, torch.float32, gen)
+    exact = t.double() * 1.5
+    assert run([t], [t], "weighted_sum", 0.5) == expected_trace([t], [t], False)
+    assert_rounded_close(t, exact, exact.abs(), torch.float32)
+
+
+def test_weighted_sum_refuses_a_non_float32_out_naming_it_before_writing(run):
+    out = [torch.zeros(TILE), torch.zeros(3, dtype=torch.bfloat16)]
+    with pytest.raises(RuntimeError, match=r"out\[1\] has dtype BFloat16; a weighted sum"):
+        run(out, [torch.ones(TILE), torch.ones(3)], "weighted_sum", 0.5)
+    assert not out[0].any()
+    buf = torch.zeros(2 * TILE)
+    with pytest.raises(ValueError, match=r"out\[0\] and inputs\[1\] overlap.*one is written"):
+        run([buf[:TILE], torch.zeros(TILE)], [torch.ones(TILE), buf[4:TILE + 4]],
+            "weighted_sum", 0.5)
+    assert not buf.any()

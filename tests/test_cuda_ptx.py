@@ -2,7 +2,7 @@
 global loads and stores (counted per path in the PTX), no generic or local-memory
 accesses, no register spills, and the zero-weight exit before the tile table.
 
-tests/csrc/tiles_ptx.cu instantiates the three kernels as cuda_kernels.cu launches them,
+tests/csrc/tiles_ptx.cu instantiates every kernel as cuda_kernels.cu launches them,
 plus one probe per (kind, dtype pair, path) that runs only a full tile, so a count that
 changes points at one branch.
 """
@@ -80,7 +80,8 @@ def _probe_expectation(kind: str, a: str, b: str, vector_b: bool) -> collections
 
 
 PROBES = ([(k, a, b) for k in ("Update", "Copy") for a in DTYPES for b in DTYPES]
-          + [("Swap", "u32", "u32"), ("Swap", "u16", "u16")])
+          + [("Swap", "u32", "u32"), ("Swap", "u16", "u16")]
+          + [("Accumulate", "f32", b) for b in DTYPES])  # a float32 out, read and written
 
 
 @pytest.mark.parametrize("vector_b", [True, False], ids=["vector", "scalar_b"])
@@ -90,9 +91,15 @@ def test_each_full_tile_path_has_exactly_its_vector_accesses(ptx, kind, a, b, ve
     assert _accesses(ptx[name]) == _probe_expectation(kind, a, b, vector_b)
 
 
-KERNELS = {"Update": "_ZN9ema_fused12tiles_kernelILNS_4KindE0EEEvPKllfPKf",
-           "Copy": "_ZN9ema_fused12tiles_kernelILNS_4KindE1EEEvPKllfPKf",
-           "Swap": "_ZN9ema_fused12tiles_kernelILNS_4KindE2EEEvPKllfPKf"}
+def _kinds() -> list[str]:
+    """Kind's enumerators in order, read from multi_tensor.h (their values mangle the names)."""
+    with open(os.path.join(ROOT, "csrc", "multi_tensor.h")) as f:
+        body = re.search(r"enum class Kind\s*\{([^}]*)\}", f.read()).group(1)
+    return [k.strip() for k in body.split(",") if k.strip()]
+
+
+KERNELS = {kind: f"_ZN9ema_fused12tiles_kernelILNS_4KindE{value}EEEvPKllfPKf"
+           for value, kind in enumerate(_kinds())}
 
 
 @pytest.mark.parametrize("kind", KERNELS)
@@ -112,7 +119,7 @@ def test_no_kernel_spills_registers(tmp_path):
     entries = re.findall(r"Compiling entry function '(\w+)'.*?(\d+) bytes spill stores, "
                          r"(\d+) bytes spill loads", report, re.S)
     kernels = {name: (int(st), int(ld)) for name, st, ld in entries if name in KERNELS.values()}
-    assert len(kernels) == 3, report[-2000:]
+    assert len(kernels) == len(KERNELS), report[-2000:]
     assert all(spill == (0, 0) for spill in kernels.values()), kernels
 
 
@@ -130,3 +137,13 @@ def test_a_zero_device_weight_exits_before_the_table_is_read(ptx):
     start = next(i for i, l in enumerate(copy) if "ld.global" in l)
     assert not any("0f00000000" in l for l in copy[start:next(
         i for i, l in enumerate(copy) if "ld.global.u64" in l)])  # the copy has no such exit
+
+
+def test_a_zero_weight_sum_exits_before_the_table_is_read(ptx):
+    """The weighted sum's weight 0 adds nothing: a comparison with 0 and a branch on it
+    come before its first tile-table load, so no tensor is read (an Inf adds no NaN)."""
+    lines = [line.strip() for line in ptx[KERNELS["Accumulate"]].splitlines()]
+    first_table = next(i for i, l in enumerate(lines) if "ld.global.u64" in l)
+    before = lines[:first_table]
+    assert any("setp.eq.f32" in l and "0f00000000" in l for l in before), before
+    assert any(re.match(r"@%p\d+ bra", l) for l in before), before

@@ -65,6 +65,21 @@ def swap_(a: Tensors, b: Tensors) -> None:
         foreach.swap_unchecked(ra, rb)
 
 
+def weighted_sum_(out: Tensors, inputs: Tensors, weight: float) -> None:
+    """``out[i] += weight * inputs[i]``: float32 outs to the kernels, the rest (float64,
+    non-contiguous) to the foreach code in the same call (everything, with a build made
+    before the kernel existed: still correct, only slower)."""
+    if not hasattr(torch.ops.ema_fused, "kernel_weighted_sum_"):
+        foreach.weighted_sum_(out, inputs, weight)
+        return
+    ko, ki, ro, ri = foreach.split_for_kernels(
+        "weighted_sum", out, inputs, lambda o, x: o.dtype == torch.float32 and supported(o, x))
+    if ko:
+        torch.ops.ema_fused.kernel_weighted_sum_(ko, ki, weight)
+    if ro:
+        foreach.weighted_sum_unchecked(ro, ri, weight)
+
+
 class _Prepared:
     """Pairs split once into kernel pairs and fallback pairs (for EMA's cached plan).
 
@@ -119,4 +134,5 @@ for _name, _dev, _key, _what in (
                                  "device-resident tables, any dtype mix"),
         ("cpu", "cpu", "CPU", "C++ CPU kernels: one parallel pass over every pair")):
     register_backend(Backend(_name, _what, update_, copy_, _reasons_for(_dev, _key),
-                             swap_=swap_, prepare=_Prepared, on_request=_build_on_request))
+                             swap_=swap_, prepare=_Prepared, on_request=_build_on_request,
+                             weighted_sum_=weighted_sum_))

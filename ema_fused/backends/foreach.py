@@ -146,6 +146,26 @@ def swap_unchecked(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> None
             torch._foreach_copy_(ys, tmp)
 
 
+def weighted_sum_unchecked(out: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor],
+                           weight: float) -> None:
+    """:func:`weighted_sum_` without the overlap check."""
+    if weight == 0.0:  # adds nothing (and an Inf input must not make a NaN)
+        return
+    for (od, xd), pairs in _group(out, inputs).items():
+        if od == xd:
+            torch._foreach_add_([o for o, _ in pairs], [x for _, x in pairs], alpha=weight)
+            continue
+        wide = torch.promote_types(torch.promote_types(od, xd), torch.float32)
+        for piece in pieces(pairs, piece_elements(pairs[0][0].device)):
+            wide_inputs = [x.to(wide) for _, x in piece]
+            if wide == od:  # only the inputs need a cast (a bf16/fp16 input, fp32 out)
+                torch._foreach_add_([o for o, _ in piece], wide_inputs, alpha=weight)
+            else:  # a float64 input into a float32 out: add in float64, round once
+                tmp = [o.to(wide) for o, _ in piece]
+                torch._foreach_add_(tmp, wide_inputs, alpha=weight)
+                torch._foreach_copy_([o for o, _ in piece], tmp)
+
+
 def update_(shadows: Sequence[torch.Tensor], params: Sequence[torch.Tensor], weight) -> None:
     """``shadows[i] += weight * (params[i] - shadows[i])`` with ``torch._foreach_lerp_``;
     weight 0 changes nothing and weight 1 copies, exactly, as in the kernels.
@@ -166,6 +186,15 @@ def swap_(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> None:
     """Exchange ``a[i]`` and ``b[i]`` (equal dtypes) through piece-sized temporaries."""
     check_no_overlap("swap", a, b)
     swap_unchecked(a, b)
+
+
+def weighted_sum_(out: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor],
+                  weight: float) -> None:
+    """``out[i] += weight * inputs[i]`` with ``torch._foreach_add_(alpha=weight)`` where the
+    dtypes agree, else in piece-sized casts; computed in the wider of the two dtypes (at
+    least fp32) and rounded once into ``out[i]``.  Weight 0 changes and reads nothing."""
+    check_no_overlap("weighted_sum", out, inputs)
+    weighted_sum_unchecked(out, inputs, weight)
 
 
 def split_for_kernels(kind: str, a: Sequence[torch.Tensor], b: Sequence[torch.Tensor],
@@ -208,4 +237,4 @@ def _reasons(device) -> list[str]:
 
 register_backend(Backend(
     "foreach", "pure PyTorch (torch._foreach_lerp_), runs on every device",
-    update_, copy_, _reasons, swap_=swap_, prepare=_Prepared))
+    update_, copy_, _reasons, swap_=swap_, prepare=_Prepared, weighted_sum_=weighted_sum_))

@@ -30,6 +30,8 @@ class Backend:
     ``update_(shadows, params, weight)``: ``shadows[i] += weight * (params[i] - shadows[i])``.
     ``copy_(dst, src, scale)``: ``dst[i] = src[i] * scale`` cast to ``dst[i].dtype``.
     ``swap_(a, b)``: exchange ``a[i]`` and ``b[i]`` (equal dtypes).
+    ``weighted_sum_(out, inputs, weight)``: ``out[i] += weight * inputs[i]`` (float32 or
+    float64 outs, any finite weight); a backend without one leaves it to ``foreach``.
     """
 
     def __init__(self, name: str, description: str,
@@ -39,8 +41,12 @@ class Backend:
                  auto_device_types: Optional[tuple[str, ...]] = None,
                  swap_: Optional[Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor]], None]]
                  = None, prepare: Optional[Callable] = None,
-                 on_request: Optional[Callable[[], None]] = None) -> None:
+                 on_request: Optional[Callable[[], None]] = None,
+                 weighted_sum_: Optional[Callable[[Sequence[torch.Tensor],
+                                                   Sequence[torch.Tensor], float], None]]
+                 = None) -> None:
         self.name = name
+        self.weighted_sum_ = weighted_sum_
         # run before a request by name is checked (the C++ backends build the extension
         # just in time there); ``auto`` never runs it
         self.on_request = on_request

@@ -129,6 +129,15 @@ class _Prepared:
             foreach.copy_unchecked(self.rest_s, self.rest_p, scale)
 
 
+def weighted_sum_(out, inputs, weight: float) -> None:
+    from ..triton_kernels import sum_kernels  # this backend runs only once Triton imported
+    ko, ki, rest_o, rest_i = foreach.split_for_kernels("weighted_sum", out, inputs,
+                                                       sum_kernels.supported)
+    sum_kernels.weighted_sum(list(zip(ko, ki)), weight)
+    if rest_o:
+        foreach.weighted_sum_unchecked(rest_o, rest_i, weight)
+
+
 def swap_(a, b) -> None:
     ok, rest_a, rest_b = _split("swap", a, b)
     _launcher().swap(ok)
@@ -138,4 +147,5 @@ def swap_(a, b) -> None:
 
 register_backend(Backend(
     "triton", "Triton kernels: one launch per device per update, any dtype mix",
-    update_, copy_, _reasons, auto_device_types=("cuda",), swap_=swap_, prepare=_Prepared))
+    update_, copy_, _reasons, auto_device_types=("cuda",), swap_=swap_, prepare=_Prepared,
+    weighted_sum_=weighted_sum_))

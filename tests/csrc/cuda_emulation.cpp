@@ -44,7 +44,7 @@ void emulate(const char* op, at::TensorList a, at::TensorList b, float scalar, b
   }
 }
 
-// kind: "update" | "copy" | "swap".  Returns the per-thread counts of each traced path:
+// kind: "update" | "copy" | "weighted_sum" | "swap".  Returns the per-thread counts of each traced path:
 // [tile entries read, full tiles with vector b, full tiles with scalar b, guarded
 // partial tiles, head elements].
 std::vector<int64_t> run(at::TensorList a, at::TensorList b, const std::string& kind,
@@ -55,6 +55,8 @@ std::vector<int64_t> run(at::TensorList a, at::TensorList b, const std::string& 
     emulate<Kind::Update>("emulated update", a, b, s, from_ptr);
   } else if (kind == "copy") {
     emulate<Kind::Copy>("emulated copy", a, b, s, from_ptr);
+  } else if (kind == "weighted_sum") {
+    emulate<Kind::Accumulate>("emulated weighted sum", a, b, s, from_ptr);
   } else {
     TORCH_CHECK(kind == "swap", "unknown kind ", kind);
     emulate<Kind::Swap>("emulated swap", a, b, s, from_ptr);

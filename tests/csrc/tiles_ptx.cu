@@ -1,5 +1,5 @@
-// Compiled to PTX and SASS by tests/test_cuda_ptx.py (nvcc, no GPU needed): the three
-// kernels exactly as cuda_kernels.cu launches them, and one probe per (kind, dtype pair)
+// Compiled to PTX and SASS by tests/test_cuda_ptx.py (nvcc, no GPU needed): every
+// kernel exactly as cuda_kernels.cu launches them, and one probe per (kind, dtype pair)
 // that runs only the full-tile path, so each path's global accesses can be counted.
 #include "multi_tensor.h"
 
@@ -7,6 +7,8 @@ namespace ema_fused {
 template __global__ void tiles_kernel<Kind::Update>(const int64_t*, int64_t, float, const float*);
 template __global__ void tiles_kernel<Kind::Copy>(const int64_t*, int64_t, float, const float*);
 template __global__ void tiles_kernel<Kind::Swap>(const int64_t*, int64_t, float, const float*);
+template __global__ void tiles_kernel<Kind::Accumulate>(const int64_t*, int64_t, float,
+                                                        const float*);
 }  // namespace ema_fused
 
 #define EMA_PROBE_ONE(kind, a_name, A, b_name, B, path, vector_b)                           \
@@ -28,5 +30,8 @@ template __global__ void tiles_kernel<Kind::Swap>(const int64_t*, int64_t, float
   EMA_PROBE(kind, f16, c10::Half, f16, c10::Half)
 EMA_PROBES(Update)
 EMA_PROBES(Copy)
+EMA_PROBE(Accumulate, f32, float, f32, float)
+EMA_PROBE(Accumulate, f32, float, bf16, c10::BFloat16)
+EMA_PROBE(Accumulate, f32, float, f16, c10::Half)
 EMA_PROBE(Swap, u32, uint32_t, u32, uint32_t)
 EMA_PROBE(Swap, u16, uint16_t, u16, uint16_t)

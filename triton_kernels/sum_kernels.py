@@ -1,0 +1,66 @@
+"""The weighted-sum kernel, ``out[i] += w * inputs[i]``, and its launcher: every pair of a
+device in one launch, through the same tables as the update (:mod:`launch`).
+
+``out`` is float32 (the launcher's :func:`supported` says so; the backend sends float64
+outs to the foreach fallback); inputs are float32, bfloat16 or float16, loaded as fp32.
+The math is one fp32 multiply-add, rounded once when stored.  Any finite weight,
+negative ones included (post-hoc EMA's least-squares solution has them); weight 0
+launches nothing, so an Inf input adds no NaN.
+
+Bytes per element: fp32 out read + written, plus the input: 4 + 4 + 2 = 10 for bf16
+inputs, 12 for fp32.  The tile decoding is written out here as in the update kernel
+(Triton drops ``tl.multiple_of`` facts returned from a helper).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .ema_kernels import ROW, _load
+from .launch import CODES, plan_for, run
+
+
+@triton.jit
+def weighted_sum_kernel(tensors, tiles, f32, bf16, f16, weight, BLOCK: tl.constexpr):
+    """a[i] += w * b[i]; a: float32 out (code 0), b: the input of any kernel dtype."""
+    pid = tl.program_id(0).to(tl.int64)
+    t = tl.load(tiles + 2 * pid)
+    start = tl.multiple_of(tl.load(tiles + 2 * pid + 1), BLOCK)
+    a_off = tl.load(tensors + ROW * t)
+    b_off = tl.load(tensors + ROW * t + 1)
+    n = tl.load(tensors + ROW * t + 2)
+    b_code = tl.load(tensors + ROW * t + 4)
+    aligned = tl.load(tensors + ROW * t + 5)
+    offs = tl.max_contiguous(tl.multiple_of(start + tl.arange(0, BLOCK), BLOCK), BLOCK)
+    mask = offs < n
+    if (start + BLOCK <= n) & (aligned != 0):
+        a4 = tl.multiple_of(a_off, 4)
+        b4, b8 = tl.multiple_of(b_off, 4), tl.multiple_of(b_off, 8)
+        pa = f32 + a4 + offs
+        b = _load(f32, bf16, f16, b4, b8, b_code, offs, mask, False)
+        tl.store(pa, tl.load(pa) + weight * b)
+    else:
+        pa = f32 + a_off + offs
+        b = _load(f32, bf16, f16, b_off, b_off, b_code, offs, mask, True)
+        tl.store(pa, tl.load(pa, mask=mask, other=0.0) + weight * b, mask=mask)
+
+
+def supported(out: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether the kernel takes this pair: a float32 out and a kernel-dtype input, both
+    contiguous at addresses that are multiples of their element sizes."""
+    return (out.dtype == torch.float32 and x.dtype in CODES and out.is_contiguous()
+            and x.is_contiguous() and out.data_ptr() % 4 == 0
+            and x.data_ptr() % x.element_size() == 0)
+
+
+def weighted_sum(pairs, weight: float) -> None:
+    """``out += weight * x`` for every (out, x) pair the kernel supports, one launch.
+    The pairs are checked for overlaps (when their table is built) even for weight 0,
+    which then launches nothing."""
+    pairs = [(a, b) for a, b in pairs if a.numel()]
+    if not pairs:
+        return
+    plan = plan_for(pairs, pairs[0][0].device, "weighted_sum")
+    if weight != 0.0:
+        run(weighted_sum_kernel, plan, *plan.views, float(weight))
