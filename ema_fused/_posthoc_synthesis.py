@@ -12,15 +12,8 @@ from typing import Optional, Sequence
 import torch
 
 from . import _posthoc_snapshots as snaps
+from .ops import ema_weighted_sum_
 from .schedules import sigma_rel_to_gamma
-
-
-def _add_weighted(out: list[torch.Tensor], inputs: list[torch.Tensor], weight: float,
-                  backend: str) -> None:
-    """``out[i] += weight * inputs[i]`` in fp32 (the one place the weighted-sum op of
-    issue 14 will take over)."""
-    for o, x in zip(out, inputs):
-        o.add_(x.to(o.dtype), alpha=weight)
 
 
 def coefficients(chosen: Sequence[dict], gamma: float, target: int) -> torch.Tensor:
@@ -51,7 +44,7 @@ def synthesize(sources: Sequence[snaps.Source], sigma_rel: float, step: Optional
     for src in picked:
         snap = snaps.load(src)
         for shadows in snap["profiles"]:
-            _add_weighted(out, [shadows[n] for n in names], coeffs[i], backend)
+            ema_weighted_sum_(out, [shadows[n] for n in names], coeffs[i], backend=backend)
             i += 1
         del snap, shadows
     result = dict(zip(names, out))

@@ -220,8 +220,8 @@ class PostHocEMA:
         tensors; copied ones from the latest snapshot used), for ``model.load_state_dict``
         or :meth:`synthesize_to`."""
         step = None if step is None else as_int("PostHocEMA.synthesize: step", step, 0)
-        return _synthesis.synthesize([w for _, w in self._snapshots], sigma_rel, step,
-                                     self._leader._backend_request)
+        # the sums run on the CPU, where the training backend (e.g. "cuda") may not
+        return _synthesis.synthesize([w for _, w in self._snapshots], sigma_rel, step)
 
     def synthesize_to(self, model: Union[nn.Module, Sequence[torch.Tensor]], sigma_rel: float,
                       step: Optional[int] = None) -> None:
