@@ -106,7 +106,8 @@ def vs_ema_pytorch_case(spec, device, args, copy_bw: float) -> dict:
                                          copy_bw),
             "ema_pytorch PostHocEMA": _row(samples["ema_pytorch PostHocEMA"], spec.numel, 24,
                                            copy_bw)}
-    speedup = rows["ema_pytorch PostHocEMA"]["median_ms"] / rows["ema_fused PostHocEMA"]["median_ms"]
+    speedup = (rows["ema_pytorch PostHocEMA"]["median_ms"]
+               / rows["ema_fused PostHocEMA"]["median_ms"])
     return {"part": "vs_ema_pytorch", "model": spec.name, "params": spec.numel,
             "tensors": spec.tensors, "dtype": "fp32", "k": 2, "backend": ours.backend,
             "rows": rows, "speedup": speedup, "goal": ">= 1.15x on llama-200m",
@@ -121,7 +122,8 @@ def table(cases: list[dict]) -> str:
             lines.append(f"| {c['part']} | {c['model']} | {c['k']} | {name} | "
                          f"{r['median_ms']:.2f} | {r['p20_ms']:.2f}-{r['p80_ms']:.2f} | "
                          f"{r['gb_per_s']:.1f} | {r['frac_of_copy']:.2f} |")
-    lines += ["", "| part | model | K | figure | value | goal | met |", "|---|---|---:|---|---:|---|---|"]
+    lines += ["", "| part | model | K | figure | value | goal | met |",
+              "|---|---|---:|---|---:|---|---|"]
     for c in cases:
         fig, val = (("time ratio (byte ratio " f"{c['byte_ratio']:.3f})", c["time_ratio"])
                     if c["part"] == "one_pass" else ("speed-up vs ema-pytorch", c["speedup"]))

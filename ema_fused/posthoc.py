@@ -179,7 +179,7 @@ class PostHocEMA:
 
     @contextlib.contextmanager
     def average_parameters(self, k: int, model: Optional[nn.Module] = None) -> Iterator[None]:
-        """Evaluate with profile ``k``'s average inside the block (as ``EMA.average_parameters``)."""
+        """Evaluate with profile ``k``'s average inside the block (``EMA.average_parameters``)."""
         with self._profile(k).average_parameters(model):
             yield
 
