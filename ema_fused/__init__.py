@@ -11,11 +11,12 @@ from . import schedules
 from .backends import BackendUnavailableError, available_backends
 from ._tracking import ModelChangedError
 from .ema import EMA
-from .ops import ema_copy_, ema_swap_, ema_update_
+from .ops import ema_copy_, ema_multi_update_, ema_swap_, ema_update_
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "EMA", "ema_update_", "ema_copy_", "ema_swap_", "available_backends", "schedules",
+    "EMA", "ema_update_", "ema_copy_", "ema_swap_", "ema_multi_update_", "available_backends",
+    "schedules",
     "BackendUnavailableError", "ModelChangedError", "__version__",
 ]

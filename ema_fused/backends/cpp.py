@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import extension, foreach
+from . import extension, foreach, multi_split
 from .selection import Backend, register_backend
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -63,6 +63,21 @@ def swap_(a: Tensors, b: Tensors) -> None:
         torch.ops.ema_fused.kernel_swap_(ka, kb)
     if ra:
         foreach.swap_unchecked(ra, rb)
+
+
+def multi_update_(shadows: Sequence[Tensors], params: Tensors, weights: Sequence[float]) -> None:
+    """Every profile's shadows of the params the kernels take in every profile: one
+    ``kernel_multi_update_`` (each param read once); the other pairs where
+    :func:`update_` would send them (:mod:`.multi_split`), so every shadow gets the
+    same bits as ``update_(shadows[k], params, weights[k])``."""
+    plan = multi_split.split(shadows, params, supported)
+    if plan.columns:
+        flat, cols = multi_split.flat_columns(shadows, params, plan.columns)
+        torch.ops.ema_fused.kernel_multi_update_(flat, cols, [float(w) for w in weights])
+    for profile, weight, single, rest in zip(shadows, weights, plan.single, plan.rest):
+        _kernel_update(plan.pick(profile, single), plan.pick(params, single), weight)
+        if rest:
+            foreach.update_unchecked(plan.pick(profile, rest), plan.pick(params, rest), weight)
 
 
 class _Prepared:
@@ -119,4 +134,5 @@ for _name, _dev, _key, _what in (
                                  "device-resident tables, any dtype mix"),
         ("cpu", "cpu", "CPU", "C++ CPU kernels: one parallel pass over every pair")):
     register_backend(Backend(_name, _what, update_, copy_, _reasons_for(_dev, _key),
-                             swap_=swap_, prepare=_Prepared, on_request=_build_on_request))
+                             swap_=swap_, prepare=_Prepared, on_request=_build_on_request,
+                             multi_update_=multi_update_))

@@ -198,5 +198,6 @@ def _register_fakes() -> None:
     def nothing(*args):
         return None
 
-    for op in ("kernel_update_", "kernel_update_graph_safe_", "kernel_copy_", "kernel_swap_"):
+    for op in ("kernel_update_", "kernel_update_graph_safe_", "kernel_copy_", "kernel_swap_",
+               "kernel_multi_update_"):
         torch.library.register_fake(f"ema_fused::{op}")(nothing)

@@ -30,6 +30,8 @@ class Backend:
     ``update_(shadows, params, weight)``: ``shadows[i] += weight * (params[i] - shadows[i])``.
     ``copy_(dst, src, scale)``: ``dst[i] = src[i] * scale`` cast to ``dst[i].dtype``.
     ``swap_(a, b)``: exchange ``a[i]`` and ``b[i]`` (equal dtypes).
+    ``multi_update_(shadows, params, weights)``: for each profile k, ``update_(shadows[k],
+    params, weights[k])``, bit for bit, each param read once (None: the foreach loop).
     """
 
     def __init__(self, name: str, description: str,
@@ -39,8 +41,10 @@ class Backend:
                  auto_device_types: Optional[tuple[str, ...]] = None,
                  swap_: Optional[Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor]], None]]
                  = None, prepare: Optional[Callable] = None,
-                 on_request: Optional[Callable[[], None]] = None) -> None:
+                 on_request: Optional[Callable[[], None]] = None,
+                 multi_update_: Optional[Callable] = None) -> None:
         self.name = name
+        self.multi_update_ = multi_update_
         # run before a request by name is checked (the C++ backends build the extension
         # just in time there); ``auto`` never runs it
         self.on_request = on_request
