@@ -28,4 +28,8 @@ TORCH_LIBRARY_FRAGMENT(ema_fused, m) {
   m.def("kernel_swap_(Tensor(a!)[] a, Tensor(b!)[] b) -> ()");
   // out[i] += weight * inputs[i] (out float32, any finite weight); fp32 math, rounded once.
   m.def("kernel_weighted_sum_(Tensor(a!)[] out, Tensor[] inputs, float weight) -> ()");
+  // K profiles in one pass: for k < len(weights), shadows[k * n + i] (flat,
+  // profile-major; n = len(params)) gets kernel_update_'s result for params[i] and
+  // weights[k], each param read once (cpu_multi_shadow.cpp, cuda_multi_shadow.cu).
+  m.def("kernel_multi_update_(Tensor(a!)[] shadows, Tensor[] params, float[] weights) -> ()");
 }

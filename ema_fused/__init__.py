@@ -12,12 +12,13 @@ from .backends import BackendUnavailableError, available_backends
 from ._tracking import ModelChangedError
 from .ema import EMA
 from .averaging import average_checkpoints
-from .ops import ema_copy_, ema_swap_, ema_update_, ema_weighted_sum_
+from .ops import ema_copy_, ema_multi_update_, ema_swap_, ema_update_, ema_weighted_sum_
+from .posthoc import PostHocEMA
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "EMA", "ema_update_", "ema_copy_", "ema_swap_", "ema_weighted_sum_", "average_checkpoints",
-    "available_backends", "schedules",
+    "EMA", "PostHocEMA", "ema_update_", "ema_copy_", "ema_swap_", "ema_multi_update_",
+    "ema_weighted_sum_", "average_checkpoints", "available_backends", "schedules",
     "BackendUnavailableError", "ModelChangedError", "__version__",
 ]

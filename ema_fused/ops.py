@@ -284,3 +284,72 @@ def ema_weighted_sum_(out: Tensors, inputs: Tensors, weight: float, *,
         return
     weight = _check_weighted_sum(out, inputs, weight)
     _dispatch_weighted_sum(out, inputs, weight, backend)
+
+
+# ------------------------------------------------------------ multi-shadow update
+# K profiles' shadows of the same params in one pass (PostHocEMA's profiles).  The
+# registered op takes the shadows flat, profile-major (a schema has no list of lists).
+from . import _multi_checks  # noqa: E402  (kept with the section it serves)
+
+
+def _dispatch_multi(shadows: list[list[torch.Tensor]], params: list[torch.Tensor],
+                    weights: list[float], backend: str) -> None:
+    """Pick a backend per device (all before writing), then update each device's share
+    of every profile with it.  Overlaps are refused by each backend before it writes
+    (and here for every device first when there are several)."""
+    by_device: dict[torch.device, list[int]] = {}
+    for i, p in enumerate(params):
+        by_device.setdefault(p.device, []).append(i)
+    chosen = [(_backend.select(backend, dev), idx) for dev, idx in by_device.items()]
+    if len(chosen) > 1:
+        _multi_checks.check_no_overlap(shadows, params)
+    with torch.no_grad():
+        for impl, idx in chosen:
+            fn = impl.multi_update_ or _fallback.multi_update_
+            fn([[profile[i] for i in idx] for profile in shadows], [params[i] for i in idx],
+               weights)
+
+
+@torch.library.custom_op("ema_fused::multi_update_", mutates_args={"shadows"})
+def _multi_update_op(shadows: list[torch.Tensor], params: list[torch.Tensor],
+                     weights: list[float], backend: str) -> None:
+    profiles = _multi_checks.unflatten(shadows, len(params), len(weights))
+    weights = _multi_checks.check(profiles, params, weights)
+    _dispatch_multi(profiles, list(params), weights, backend)
+
+
+@_multi_update_op.register_fake
+def _multi_update_fake(shadows, params, weights, backend) -> None:
+    _multi_checks.check(_multi_checks.unflatten(shadows, len(params), len(weights)), params,
+                        weights)
+
+
+def ema_multi_update_(shadows: Sequence[Tensors], params: Tensors, weights: Sequence[float], *,
+                      backend: str = "auto") -> None:
+    """In place, for every profile k and every i:
+    ``shadows[k][i] += weights[k] * (params[i] - shadows[k][i])``, reading each param once.
+
+    The result is bit for bit that of ``for k in range(K): ema_update_(shadows[k], params,
+    weights[k], backend=backend)`` on the same backend, for every dtype pair (shadows and
+    params float32/bfloat16/float16/float64 in any pairing).  Raises before anything is
+    written, naming ``weights[k]``, ``shadows[k][i]`` or ``params[i]``, when an input is bad.
+
+    Args:
+        shadows: K sequences of tensors; ``shadows[k][i]`` is profile k's shadow of
+            ``params[i]`` (same shape and device).  A shadow may share memory with no
+            other shadow (of any profile) and with no param, not even its own.
+        params: tensors read, once each.
+        weights: K Python numbers in [0, 1]; 0 leaves profile k untouched (not read), 1
+            copies the params into it exactly.
+        backend: ``"auto"`` or one of ``"cuda"``, ``"triton"``, ``"cpu"``, ``"foreach"``;
+            pairs a kernel does not take (float64, non-contiguous) go to ``foreach``
+            exactly as in :func:`ema_update_`.
+    """
+    profiles = _multi_checks.as_profiles(shadows)
+    params = list(params)
+    if torch.compiler.is_compiling():
+        torch.ops.ema_fused.multi_update_([s for p in profiles for s in p], params,
+                                          [float(w) for w in weights], backend)
+        return
+    weights = _multi_checks.check(profiles, params, weights)
+    _dispatch_multi(profiles, params, weights, backend)

@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import extension, foreach
+from . import extension, foreach, multi_split
 from .selection import Backend, register_backend
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -80,6 +80,21 @@ def weighted_sum_(out: Tensors, inputs: Tensors, weight: float) -> None:
         foreach.weighted_sum_unchecked(ro, ri, weight)
 
 
+def multi_update_(shadows: Sequence[Tensors], params: Tensors, weights: Sequence[float]) -> None:
+    """Every profile's shadows of the params the kernels take in every profile: one
+    ``kernel_multi_update_`` (each param read once); the other pairs where
+    :func:`update_` would send them (:mod:`.multi_split`), so every shadow gets the
+    same bits as ``update_(shadows[k], params, weights[k])``."""
+    plan = multi_split.split(shadows, params, supported)
+    if plan.columns:
+        flat, cols = multi_split.flat_columns(shadows, params, plan.columns)
+        torch.ops.ema_fused.kernel_multi_update_(flat, cols, [float(w) for w in weights])
+    for profile, weight, single, rest in zip(shadows, weights, plan.single, plan.rest):
+        _kernel_update(plan.pick(profile, single), plan.pick(params, single), weight)
+        if rest:
+            foreach.update_unchecked(plan.pick(profile, rest), plan.pick(params, rest), weight)
+
+
 class _Prepared:
     """Pairs split once into kernel pairs and fallback pairs (for EMA's cached plan).
 
@@ -135,4 +150,4 @@ for _name, _dev, _key, _what in (
         ("cpu", "cpu", "CPU", "C++ CPU kernels: one parallel pass over every pair")):
     register_backend(Backend(_name, _what, update_, copy_, _reasons_for(_dev, _key),
                              swap_=swap_, prepare=_Prepared, on_request=_build_on_request,
-                             weighted_sum_=weighted_sum_))
+                             weighted_sum_=weighted_sum_, multi_update_=multi_update_))

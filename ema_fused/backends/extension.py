@@ -205,6 +205,6 @@ def _register_fakes() -> None:
         return None
 
     for op in ("kernel_update_", "kernel_update_graph_safe_", "kernel_copy_", "kernel_swap_",
-               "kernel_weighted_sum_"):
+               "kernel_weighted_sum_", "kernel_multi_update_"):
         if hasattr(torch.ops.ema_fused, op):  # an AOT build older than the op lacks it
             torch.library.register_fake(f"ema_fused::{op}")(nothing)

@@ -24,6 +24,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from .._multi_checks import check_no_overlap as check_multi_overlap
 from .._validate import check_no_overlap
 from .selection import Backend, register_backend
 
@@ -253,10 +254,21 @@ class _Prepared:
         copy_unchecked(self.shadows, self.params, scale)
 
 
+def multi_update_(shadows: Sequence[Sequence[torch.Tensor]], params: Sequence[torch.Tensor],
+                  weights: Sequence[float]) -> None:
+    """For each profile k, :func:`update_` of ``shadows[k]`` with ``weights[k]``: the same
+    bits by construction (each profile reads the params again; the kernel backends read
+    them once).  Shadows that share memory with any shadow or param are refused first."""
+    check_multi_overlap([list(p) for p in shadows], params)
+    for profile, weight in zip(shadows, weights):
+        update_unchecked(profile, params, weight)
+
+
 def _reasons(device) -> list[str]:
     return []
 
 
 register_backend(Backend(
     "foreach", "pure PyTorch (torch._foreach_lerp_), runs on every device",
-    update_, copy_, _reasons, swap_=swap_, prepare=_Prepared, weighted_sum_=weighted_sum_))
+    update_, copy_, _reasons, swap_=swap_, prepare=_Prepared, weighted_sum_=weighted_sum_,
+    multi_update_=multi_update_))

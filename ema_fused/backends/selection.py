@@ -34,6 +34,8 @@ class Backend:
     ``swap_(a, b)``: exchange ``a[i]`` and ``b[i]`` (equal dtypes).
     ``weighted_sum_(out, inputs, weight)``: ``out[i] += weight * inputs[i]`` (float32 or
     float64 outs, any finite weight); a backend without one leaves it to ``foreach``.
+    ``multi_update_(shadows, params, weights)``: for each profile k, ``update_(shadows[k],
+    params, weights[k])``, bit for bit, each param read once (None: the foreach loop).
     """
 
     def __init__(self, name: str, description: str,
@@ -46,9 +48,10 @@ class Backend:
                  on_request: Optional[Callable[[], None]] = None,
                  weighted_sum_: Optional[Callable[[Sequence[torch.Tensor],
                                                    Sequence[torch.Tensor], float], None]]
-                 = None) -> None:
+                 = None, multi_update_: Optional[Callable] = None) -> None:
         self.name = name
         self.weighted_sum_ = weighted_sum_
+        self.multi_update_ = multi_update_
         # run before a request by name is checked (the C++ backends build the extension
         # just in time there); ``auto`` never runs it
         self.on_request = on_request

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import foreach
+from . import foreach, multi_split
 from .selection import Backend, register_backend
 
 _kernels = None
@@ -145,7 +145,24 @@ def swap_(a, b) -> None:
         foreach.swap_unchecked(rest_a, rest_b)
 
 
+def multi_update_(shadows, params, weights) -> None:
+    """Params the kernels take in every profile: one multi-shadow launch (each param
+    read once; ``ema_fused.triton_kernels.multi_update``); the other pairs where
+    :func:`update_` would send them, so every shadow gets its bits."""
+    from ..triton_kernels import multi_update as multi
+    plan = multi_split.split(shadows, params, _launcher().supported)
+    if plan.columns:
+        multi.update([plan.pick(profile, plan.columns) for profile in shadows],
+                     plan.pick(params, plan.columns), weights)
+    for profile, weight, single, rest in zip(shadows, weights, plan.single, plan.rest):
+        if single:
+            _launcher().update(list(zip(plan.pick(profile, single), plan.pick(params, single))),
+                               weight)
+        if rest:
+            foreach.update_unchecked(plan.pick(profile, rest), plan.pick(params, rest), weight)
+
+
 register_backend(Backend(
     "triton", "Triton kernels: one launch per device per update, any dtype mix",
     update_, copy_, _reasons, auto_device_types=("cuda",), swap_=swap_, prepare=_Prepared,
-    weighted_sum_=weighted_sum_))
+    weighted_sum_=weighted_sum_, multi_update_=multi_update_))
