@@ -159,7 +159,7 @@ class PostHocEMA:
         """Advance every profile in one pass; step rules as :meth:`ema_fused.EMA.update`.
         Takes a snapshot afterwards when the step crossed a multiple of ``snapshot_every``."""
         for ema in self._emas:
-            ema._not_swapped("update")
+            ema._guard("update")
         before = self.num_updates
         self._leader.update(step)
         now = self.num_updates
@@ -247,12 +247,12 @@ class PostHocEMA:
         in-memory snapshots themselves) and the settings; loads with
         ``torch.load(weights_only=True)``."""
         for ema in self._emas:
-            ema._not_swapped("state_dict")
+            ema._guard("state_dict", reads_shadows=True)
         return _state.state_of(self)
 
     def load_state_dict(self, state_dict: dict, strict: bool = True) -> None:
         """Resume from :meth:`state_dict`: everything is checked (settings, every
         profile's tensors, snapshot files present) before anything changes."""
         for ema in self._emas:
-            ema._not_swapped("load_state_dict")
+            ema._guard("load_state_dict")
         _state.load_into(self, state_dict, strict)

@@ -90,7 +90,7 @@ def multi_update_(shadows: Sequence[Tensors], params: Tensors, weights: Sequence
         flat, cols = multi_split.flat_columns(shadows, params, plan.columns)
         torch.ops.ema_fused.kernel_multi_update_(flat, cols, [float(w) for w in weights])
     for profile, weight, single, rest in zip(shadows, weights, plan.single, plan.rest):
-        _kernel_update(plan.pick(profile, single), plan.pick(params, single), weight)
+        _kernel_update(plan.pick(profile, single), plan.pick(params, single), weight, False)
         if rest:
             foreach.update_unchecked(plan.pick(profile, rest), plan.pick(params, rest), weight)
 
