@@ -74,7 +74,6 @@ class ProfileLeader(EMA):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.followers = []
-        self._synced_with = None  # the leader plan the followers' plans were made beside
         self._pending: Optional[list[float]] = None
 
     def update(self, step: Optional[int] = None) -> None:
@@ -100,11 +99,14 @@ class ProfileLeader(EMA):
         if plan is None or plan.snapshot is None or not plan.snapshot.still_valid():
             live = self._tracked.read(check_shapes=False)
             plan = self._plan_for(live)
-        if plan is not self._synced_with or any(f._plan is None for f in self.followers):
+        # the mark lives on the plan (a new plan has none), not as a reference here,
+        # which would keep an old plan and its C++ snapshot alive
+        if not getattr(plan, "followers_synced", False) or any(
+                f._plan is None for f in self.followers):
             live = live if live is not None else self._tracked.read(check_shapes=False)
             for f in self.followers:
                 f._plan_for(live)
-            self._synced_with = plan
+            plan.followers_synced = True
         return [plan] + [f._plan for f in self.followers]
 
 
