@@ -35,7 +35,16 @@ _REFUSED = {
                        "so there is no start-up bias to correct",
     "capturable": "the K profiles' decays are computed on the host; capturable=True is not "
                   "supported for PostHocEMA",
+    "skip_nonfinite": "not supported by PostHocEMA yet (the multi-shadow update has no "
+                      "per-element skip)",
 }
+
+
+def _refuse_inside_average(ema: EMA, what: str) -> None:
+    """EMA's own refusal of ``what`` while its ``average_parameters()`` block is open
+    (``_guard`` where EMA has it, ``_not_swapped`` in older versions)."""
+    guard = getattr(ema, "_guard", None) or ema._not_swapped
+    guard(what)
 
 
 class Profile(NamedTuple):
@@ -159,7 +168,7 @@ class PostHocEMA:
         """Advance every profile in one pass; step rules as :meth:`ema_fused.EMA.update`.
         Takes a snapshot afterwards when the step crossed a multiple of ``snapshot_every``."""
         for ema in self._emas:
-            ema._not_swapped("update")
+            _refuse_inside_average(ema, "update")
         before = self.num_updates
         self._leader.update(step)
         now = self.num_updates
@@ -247,12 +256,12 @@ class PostHocEMA:
         in-memory snapshots themselves) and the settings; loads with
         ``torch.load(weights_only=True)``."""
         for ema in self._emas:
-            ema._not_swapped("state_dict")
+            _refuse_inside_average(ema, "state_dict")
         return _state.state_of(self)
 
     def load_state_dict(self, state_dict: dict, strict: bool = True) -> None:
         """Resume from :meth:`state_dict`: everything is checked (settings, every
         profile's tensors, snapshot files present) before anything changes."""
         for ema in self._emas:
-            ema._not_swapped("load_state_dict")
+            _refuse_inside_average(ema, "load_state_dict")
         _state.load_into(self, state_dict, strict)

@@ -217,6 +217,7 @@ def test_reads_of_one_profile():
     (dict(schedule=karras_power(gamma=3.0)), TypeError, "schedule= is not accepted"),
     (dict(bias_correction=True), TypeError, "no start-up bias"),
     (dict(capturable=True), TypeError, "capturable=True is not supported"),
+    (dict(skip_nonfinite=True), TypeError, "skip_nonfinite= is not accepted"),
     (dict(decya=0.9), TypeError, "unknown keyword argument 'decya'"),
     (dict(sigma_rels=()), ValueError, "sigma_rels is empty"),
     (dict(sigma_rels=0.1), TypeError, "must be a sequence"),
