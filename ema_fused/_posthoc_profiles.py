@@ -74,7 +74,6 @@ class ProfileLeader(EMA):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.followers = []
-        self._synced_with = None  # the leader plan the followers' plans were made beside
         self._pending: Optional[list[float]] = None
 
     def update(self, step: Optional[int] = None) -> None:
@@ -100,11 +99,14 @@ class ProfileLeader(EMA):
         if plan is None or plan.snapshot is None or not plan.snapshot.still_valid():
             live = self._tracked.read(check_shapes=False)
             plan = self._plan_for(live)
-        if plan is not self._synced_with or any(f._plan is None for f in self.followers):
+        # the mark lives on the plan (a new plan has none), not as a reference here,
+        # which would keep an old plan and its C++ snapshot alive
+        if not getattr(plan, "followers_synced", False) or any(
+                f._plan is None for f in self.followers):
             live = live if live is not None else self._tracked.read(check_shapes=False)
             for f in self.followers:
                 f._plan_for(live)
-            self._synced_with = plan
+            plan.followers_synced = True
         return [plan] + [f._plan for f in self.followers]
 
 
@@ -115,11 +117,18 @@ def _copy_group(impl, shadows, params, prepared) -> None:
         impl.copy_(shadows, params, 1.0)
 
 
-def _update_profiles(groups: list, weights: list[float], backend: str) -> None:
+def _update_profiles(groups: list, weights: list[float]) -> None:
     """The averaging step of one device group for several profiles: ``groups[k]`` is
     profile k's ``(backend impl, shadows, params, prepared)``, ``weights[k]`` its
-    ``1 - decay``.  Today one update per profile, exactly as each profile's own EMA
-    runs it (the multi-shadow op of issue 14 replaces this body with one call)."""
+    ``1 - decay``.  The kernel backends run one multi-shadow update (``multi_update_``
+    of the backend EMA chose for the device: the pairs are EMA's own, checked as it
+    checks them, so the op layer's per-call checks are skipped as EMA skips them).
+    ``foreach`` has no one-pass kernel (it would read the params K times anyway): each
+    profile runs its own prepared update, the very calls its EMA would make."""
+    impl = groups[0][0]
+    if impl.multi_update_ is not None and impl.name != "foreach":
+        impl.multi_update_([g[1] for g in groups], groups[0][2], weights)
+        return
     for (impl, shadows, params, prepared), w in zip(groups, weights):
         if prepared is not None:
             prepared.update_(w)
@@ -150,7 +159,7 @@ def update_profiles(plans: list, decays: list[float], backend: str) -> None:
                     if d == 0.0:
                         _copy_group(*groups[k])
                 if averaging:
-                    _update_profiles([groups[k] for k in averaging], weights, backend)
+                    _update_profiles([groups[k] for k in averaging], weights)
         for p in plans:
             for s, t in zip(p.copy_s, p.copy_p):
                 s.copy_(t)

@@ -35,6 +35,8 @@ _REFUSED = {
                        "so there is no start-up bias to correct",
     "capturable": "the K profiles' decays are computed on the host; capturable=True is not "
                   "supported for PostHocEMA",
+    "skip_nonfinite": "not supported by PostHocEMA yet (the multi-shadow update has no "
+                      "per-element skip)",
 }
 
 

@@ -25,17 +25,19 @@ def test_tiny_run_writes_every_case(tmp_path, capsys):
     (path,) = tmp_path.glob("posthoc_cpu-*_smoke.json")
     result = json.loads(path.read_text())
     assert result["machine"]["torch"] and result["machine"]["device_slug"].startswith("cpu-")
-    assert result["copy_gb_per_s"] > 0 and isinstance(result["multi_shadow_op"], bool)
+    assert isinstance(result["multi_shadow_op"], bool) and len(result["load_avg_end"]) == 3
     parts = [(c["part"], c["k"]) for c in result["cases"]]
     assert parts == [("one_pass", 2), ("one_pass", 4), ("vs_ema_pytorch", 2)]
     for case in result["cases"]:
-        assert case["backend"] == "foreach" and case["params"] > 0
+        assert case["backend"] == "foreach" and case["params"] > 0 and case["copy_gb_per_s"] > 0
+        assert "copy (roofline)" in case["rows"]
         for row in case["rows"].values():
             assert len(row["times_ms"]) == 2
             assert row["p20_ms"] <= row["median_ms"] <= row["p80_ms"]
             assert row["gb_per_s"] > 0 and row["frac_of_copy"] > 0
     one = result["cases"][1]
-    assert set(one["rows"]) == {"PostHocEMA (one pass)", "4 x EMA"}
+    assert set(one["rows"]) == {"PostHocEMA (one pass)", "4 x EMA", "copy (roofline)"}
+    assert one["rows"]["copy (roofline)"]["frac_of_copy"] == pytest.approx(1.0)
     assert one["byte_ratio"] == pytest.approx(34 / 40)
     assert one["rows"]["4 x EMA"]["bytes_per_element"] == 40
     assert one["time_ratio"] == pytest.approx(one["rows"]["PostHocEMA (one pass)"]["median_ms"]

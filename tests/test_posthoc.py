@@ -217,6 +217,7 @@ def test_reads_of_one_profile():
     (dict(schedule=karras_power(gamma=3.0)), TypeError, "schedule= is not accepted"),
     (dict(bias_correction=True), TypeError, "no start-up bias"),
     (dict(capturable=True), TypeError, "capturable=True is not supported"),
+    (dict(skip_nonfinite=True), TypeError, "skip_nonfinite= is not accepted"),
     (dict(decya=0.9), TypeError, "unknown keyword argument 'decya'"),
     (dict(sigma_rels=()), ValueError, "sigma_rels is empty"),
     (dict(sigma_rels=0.1), TypeError, "must be a sequence"),
@@ -251,3 +252,18 @@ def test_a_plain_ema_is_untouched_by_a_posthoc_ema_of_the_same_model():
         assert torch.equal(t, start[n]), n
     assert not torch.equal(start["mid.weight"], phema.named_shadows(0)["mid.weight"])
     assert isinstance(phema._emas[1], EMA) and not isinstance(phema, EMA)
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_the_cpu_backend_updates_all_profiles_in_one_kernel_call(k):
+    """One pass: a single kernel_multi_update_ for every averaging profile (no
+    kernel_update_ per profile), seen by the profiler at the dispatcher."""
+    model = Net(torch.bfloat16)
+    phema = PostHocEMA(model, SIGMAS[:1] + (0.07, 0.12, 0.2)[:k - 1], backend="cpu")
+    phema.update()  # step 1 copies
+    train_step(model, torch.Generator().manual_seed(9))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        phema.update()
+    names = [e.name for e in prof.events()]
+    assert names.count("ema_fused::kernel_multi_update_") == 1, names
+    assert "ema_fused::kernel_update_" not in names
