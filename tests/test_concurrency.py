@@ -28,6 +28,30 @@ def _model(dtype=torch.float32):
     return nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4)).to(dtype)
 
 
+def _doubled_and_updated(dtype):
+    """A model, its EMA (decay 0.5), the weights doubled and one update made."""
+    model = _model(dtype)
+    ema = EMA(model, decay=0.5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(2.0)
+    ema.update()
+    return model, ema
+
+
+def _assert_equals_reference(ema, dtype, decay, updates):
+    """The shadows equal a fresh EMA of the same model after `updates` updates with the
+    weights shifted by 1 (what the threaded tests do)."""
+    ref = EMA(_model(dtype), decay=decay, backend="foreach")
+    with torch.no_grad():
+        for p in ref._tracked.module.parameters():
+            p.add_(1.0)
+    for _ in range(updates):
+        ref.update()
+    for (name, s), (_, r) in zip(ema.named_shadows(), ref.named_shadows()):
+        torch.testing.assert_close(s, r, rtol=0, atol=1e-6, msg=name)
+
+
 # ---------------------------------------------------------------- threads
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -80,23 +104,11 @@ def test_average_parameters_and_update_from_two_threads(backend, dtype):
     for k, v in model.state_dict().items():
         assert torch.equal(v, raw[k]), k
     # and the shadows are the reference EMA of `accepted` updates of constant weights
-    ref = EMA(_model(dtype), decay=0.9, backend="foreach")
-    with torch.no_grad():
-        for p in ref._tracked.module.parameters():
-            p.add_(1.0)
-    for _ in range(accepted[0]):
-        ref.update()
-    for (name, s), (_, r) in zip(ema.named_shadows(), ref.named_shadows()):
-        torch.testing.assert_close(s, r, rtol=0, atol=1e-6, msg=name)
+    _assert_equals_reference(ema, dtype, 0.9, accepted[0])
 
 
 def test_refused_calls_from_another_thread_change_nothing():
-    model = _model()
-    ema = EMA(model, decay=0.5)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(2.0)
-    ema.update()
+    model, ema = _doubled_and_updated(torch.float32)
     inside, release = threading.Event(), threading.Event()
 
     def evaluate():
@@ -130,12 +142,7 @@ def test_refused_calls_from_another_thread_change_nothing():
 def test_nested_average_parameters_on_the_copy_path_is_refused():
     """bf16 model, fp32 shadows (the copy path): a nested block would overwrite the
     backup of the training weights with averaged ones."""
-    model = _model(torch.bfloat16)
-    ema = EMA(model, decay=0.5)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(2.0)
-    ema.update()
+    model, ema = _doubled_and_updated(torch.bfloat16)
     raw = {k: v.clone() for k, v in model.state_dict().items()}
     with ema.average_parameters():
         with pytest.raises(RuntimeError, match="average_parameters"):
@@ -150,12 +157,7 @@ def test_nested_average_parameters_on_the_copy_path_is_refused():
 
 
 def test_copy_path_keeps_a_users_stored_backup():
-    model = _model(torch.bfloat16)
-    ema = EMA(model, decay=0.5)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(2.0)
-    ema.update()
+    model, ema = _doubled_and_updated(torch.bfloat16)
     ema.store()
     stored = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
@@ -183,14 +185,7 @@ def test_concurrent_updates_serialize():
     for t in threads:
         t.join(60)
     assert ema.num_updates == 200
-    ref = EMA(_model(), decay=0.8, backend="foreach")
-    with torch.no_grad():
-        for p in ref._tracked.module.parameters():
-            p.add_(1.0)
-    for _ in range(200):
-        ref.update()
-    for (name, s), (_, r) in zip(ema.named_shadows(), ref.named_shadows()):
-        torch.testing.assert_close(s, r, rtol=0, atol=1e-6, msg=name)
+    _assert_equals_reference(ema, torch.float32, 0.8, 200)
 
 
 # ---------------------------------------------------------------- autograd
