@@ -6,8 +6,8 @@
 For each model (``models.py``; bf16 params, fp32 shadows), each K (2 and 4) and each
 backend timed here (``cpu`` and ``foreach`` on the CPU; ``cuda``, ``triton`` and
 ``foreach`` on a GPU), it times one ``ema_multi_update_`` of the K profiles against K
-``ema_update_`` calls on the same backend, round-robin in one run
-(``timing.round_robin``), on the same shadows (the weights keep them finite).
+``ema_update_`` calls on the same backend, the two round-robin (``timing.round_robin``)
+in one run, on the same shadows (the weights keep them finite).
 
 Bytes per element: one pass moves 2 (param) + 8K (each shadow read and written), K
 separate updates 10K, so the time ratio cannot beat (2 + 8K) / (10K): 0.9 for K = 2,
@@ -46,7 +46,9 @@ def backends(device: torch.device) -> list[str]:
 
 def measure(params: list, k: int, device: torch.device, names: list[str], repeats: int,
             warmup: int) -> dict:
-    """``{"<backend> one pass" | "<backend> separate": Samples}``, all interleaved."""
+    """``{"<backend> one pass" | "<backend> separate": Samples}``, each backend's two
+    interleaved round-robin on their own: a foreach call leaves torch's OpenMP threads
+    spinning for a while, which would slow whatever ran next on this 2-core machine."""
     shadows = [[p.detach().float() for p in params] for _ in range(k)]
     weights = [WEIGHT * (q + 1) for q in range(k)]
 
@@ -59,13 +61,13 @@ def measure(params: list, k: int, device: torch.device, names: list[str], repeat
                 ema_fused.ema_update_(profile, params, w, backend=name)
         return run
 
-    fns = {}
+    out = {}
     for name in names:
-        fns[f"{name} one pass"] = [one_pass(name)]
-        fns[f"{name} separate"] = [separate(name)]
-    for f in fns.values():
-        f[0]()  # tables, first touches
-    return timing.round_robin(fns, device, repeats, warmup)
+        fns = {f"{name} one pass": [one_pass(name)], f"{name} separate": [separate(name)]}
+        for f in fns.values():
+            f[0]()  # tables, first touches
+        out.update(timing.round_robin(fns, device, repeats, warmup))
+    return out
 
 
 def run(model_names: list[str], ks: list[int], device: torch.device, repeats: int,
