@@ -73,6 +73,7 @@ def measure(params: list, k: int, device: torch.device, names: list[str], repeat
 def run(model_names: list[str], ks: list[int], device: torch.device, repeats: int,
         warmup: int) -> dict:
     names = backends(device)
+    load_at_start = os.getloadavg()  # the machine is shared: how busy it was
     rows, ratios = [], []
     for model_name in model_names:
         spec = models.SPECS[model_name]
@@ -112,7 +113,8 @@ def run(model_names: list[str], ks: list[int], device: torch.device, repeats: in
                        "weights": f"{WEIGHT} * (k + 1)", "param_dtype": "bf16",
                        "shadow_dtype": "fp32", "backends": names},
             "goal": "one pass / K separate updates <= 1.1 * (2 + 8K) / (10K)",
-            "load_avg_end": os.getloadavg(), "rows": rows, "ratios": ratios}
+            "load_avg_at_start": load_at_start, "load_avg_at_end": os.getloadavg(),
+            "rows": rows, "ratios": ratios}
 
 
 def table(result: dict) -> str:
