@@ -2,6 +2,8 @@
 its registration (opcheck, torch.compile) and the C++ kernel op's own checks."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -156,3 +158,15 @@ def test_compile_fullgraph_matches_separate_updates(compiler):
     step(shadows, params)
     for profile, want in zip(shadows, expected):
         assert all(torch.equal(s, e) for s, e in zip(profile, want))
+
+
+def test_the_kernel_op_has_cpu_and_cuda_kernels(ext):
+    """The CUDA kernel compiles wherever nvcc and a CUDA torch are (CI): a build that has
+    the single update's CUDA kernels has the multi-shadow one too."""
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("ema_fused::kernel_multi_update_", "CPU")
+    possible, why = _extension.cuda_build_possible()
+    if not possible:
+        if os.environ.get("EMA_FUSED_REQUIRE_CUDA_KERNELS") == "1":
+            pytest.fail(f"EMA_FUSED_REQUIRE_CUDA_KERNELS=1 but no CUDA build can be made: {why}")
+        pytest.skip(f"no CUDA build can be made here: {why}")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("ema_fused::kernel_multi_update_", "CUDA")
