@@ -103,30 +103,16 @@ inline std::vector<int64_t> multi_key(at::TensorList shadows, at::TensorList par
   return key;
 }
 
-// check_multi_overlaps for the CPU kernel: the last few sets that passed are remembered
-// by key (an unchanged set, every EMA step, costs a comparison instead of a sort).
+// check_multi_overlaps for the CPU kernel, remembered (pairs.h's RecentlyChecked).
 class CheckedMultiSets {
  public:
   void check(const char* op, at::TensorList shadows, at::TensorList params) {
-    std::vector<int64_t> key = multi_key(shadows, params);
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      for (auto it = keys_.begin(); it != keys_.end(); ++it) {
-        if (*it == key) {
-          keys_.splice(keys_.begin(), keys_, it);
-          return;
-        }
-      }
-    }
-    check_multi_overlaps(op, shadows, params);
-    std::lock_guard<std::mutex> lock(mutex_);
-    keys_.push_front(std::move(key));
-    if (keys_.size() > 8) keys_.pop_back();
+    recent_.check(multi_key(shadows, params),
+                  [&] { check_multi_overlaps(op, shadows, params); });
   }
 
  private:
-  std::mutex mutex_;
-  std::list<std::vector<int64_t>> keys_;  // most recently used first
+  RecentlyChecked recent_;
 };
 
 // Lengths, weights and every pair; the overlap check is the caller's (the CPU kernel

@@ -163,15 +163,16 @@ inline std::vector<int64_t> key_of(const std::vector<Pair>& pairs, int64_t devic
   return key;
 }
 
-// check_overlaps for callers without a table cache (the CPU kernels): the last few pair
-// sets that passed are remembered by key, so an unchanged set (every EMA update) costs a
-// comparison of 3 words per pair instead of a sort (500 pairs of 16 elements on the
-// 2-core VM, kernel_update_ per call: 110 us without an overlap check, 130 us sorting
-// every call, 121 us with this cache).
-class CheckedPairSets {
+// The last few keys of tensor sets that passed an overlap check, for callers without a
+// table cache (the CPU kernels): an unchanged set (every EMA update) costs a comparison
+// of its key instead of a sort (500 pairs of 16 elements on the 2-core VM,
+// kernel_update_ per call: 110 us without an overlap check, 130 us sorting every call,
+// 121 us with this cache).
+class RecentlyChecked {
  public:
-  void check(const char* op, const std::vector<Pair>& pairs, Kind kind) {
-    std::vector<int64_t> key = key_of(pairs, -1, kind);
+  // Runs `run_check` unless `key` passed before; remembers it once that returned.
+  template <typename Check>
+  void check(std::vector<int64_t> key, Check&& run_check) {
     {
       std::lock_guard<std::mutex> lock(mutex_);
       for (auto it = keys_.begin(); it != keys_.end(); ++it) {
@@ -181,7 +182,7 @@ class CheckedPairSets {
         }
       }
     }
-    check_overlaps(op, pairs, kind);
+    run_check();
     std::lock_guard<std::mutex> lock(mutex_);
     keys_.push_front(std::move(key));
     if (keys_.size() > kSets) keys_.pop_back();
@@ -191,6 +192,17 @@ class CheckedPairSets {
   static constexpr size_t kSets = 8;
   std::mutex mutex_;
   std::list<std::vector<int64_t>> keys_;  // most recently used first
+};
+
+// check_overlaps of pair sets, remembered.
+class CheckedPairSets {
+ public:
+  void check(const char* op, const std::vector<Pair>& pairs, Kind kind) {
+    recent_.check(key_of(pairs, -1, kind), [&] { check_overlaps(op, pairs, kind); });
+  }
+
+ private:
+  RecentlyChecked recent_;
 };
 
 }  // namespace ema_fused
