@@ -9,15 +9,13 @@ and the streams are checked by the GPU tests.)
 from __future__ import annotations
 
 import itertools
-import os
-import sys
 
 import pytest
 import torch
 
+from csrc_tools import load_emulation
 from conftest import assert_rounded_close, compute_dtype, lerp_reference, rand, seeded
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 PAIRS = list(itertools.product(DTYPES, DTYPES))
 IDS = [f"{a}-{b}".replace("torch.", "") for a, b in PAIRS]
@@ -27,17 +25,8 @@ SIZES = (0, 1, 7, TILE - 1, TILE, TILE + 1, 3 * TILE, 278011)
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    pytest.importorskip("ninja")
-    from torch.utils.cpp_extension import load
-    path = os.environ.get("PATH", "")
-    os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + path
-    try:
-        load(name="ema_fused_cuda_emulation",
-             sources=[os.path.join(ROOT, "tests", "csrc", "cuda_emulation.cpp")],
-             extra_include_paths=[os.path.join(ROOT, "csrc")], extra_cflags=["-O2"],
-             build_directory=str(tmp_path_factory.mktemp("emulation")), is_python_module=False)
-    finally:
-        os.environ["PATH"] = path
+    load_emulation("ema_fused_cuda_emulation", "cuda_emulation.cpp",
+                   str(tmp_path_factory.mktemp("emulation")))
     return torch.ops.ema_fused_emulation.run_
 
 

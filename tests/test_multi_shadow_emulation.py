@@ -10,15 +10,13 @@ float64, and every thread must load its param elements once per tile whatever K 
 from __future__ import annotations
 
 import itertools
-import os
-import sys
 
 import pytest
 import torch
 
+from csrc_tools import load_emulation
 from conftest import assert_rounded_close, compute_dtype, lerp_reference, rand, seeded
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 PAIRS = list(itertools.product(DTYPES, DTYPES))
 IDS = [f"{a}-{b}".replace("torch.", "") for a, b in PAIRS]
@@ -30,18 +28,8 @@ TABLE, P_VEC, P_SCALAR, P_GUARDED, S_VEC, S_SCALAR, S_GUARDED, S_COPY = range(8)
 
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
-    pytest.importorskip("ninja")
-    from torch.utils.cpp_extension import load
-    path = os.environ.get("PATH", "")
-    os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + path
-    try:
-        load(name="ema_fused_multi_emulation",
-             sources=[os.path.join(ROOT, "tests", "csrc", "multi_shadow_emulation.cpp")],
-             extra_include_paths=[os.path.join(ROOT, "csrc")], extra_cflags=["-O2"],
-             build_directory=str(tmp_path_factory.mktemp("multi_emulation")),
-             is_python_module=False)
-    finally:
-        os.environ["PATH"] = path
+    load_emulation("ema_fused_multi_emulation", "multi_shadow_emulation.cpp",
+                   str(tmp_path_factory.mktemp("multi_emulation")))
     return torch.ops.ema_fused_multi_emulation
 
 

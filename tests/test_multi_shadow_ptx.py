@@ -7,11 +7,10 @@ from __future__ import annotations
 import collections
 import os
 import re
-import subprocess
 
 import pytest
 
-from ema_fused.backends import build_flags
+from csrc_tools import nvcc_compile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCE = os.path.join(ROOT, "tests", "csrc", "multi_shadow_ptx.cu")
@@ -21,18 +20,7 @@ KERNEL = "_ZN9ema_fused18multi_tiles_kernelEPKlliNS_12MultiWeightsE"
 
 
 def _compile(out: str, *flags: str) -> str:
-    from torch.utils.cpp_extension import include_paths
-    nvcc = build_flags.nvcc_path(os.environ.get("CUDA_HOME") or "/usr/local/cuda")
-    if nvcc is None:
-        if os.environ.get("EMA_FUSED_REQUIRE_CUDA_KERNELS") == "1":
-            pytest.fail("EMA_FUSED_REQUIRE_CUDA_KERNELS=1 but nvcc is not found (set CUDA_HOME)")
-        pytest.skip("nvcc is not installed here")
-    cmd = [nvcc, *flags, "-arch=sm_90", "-O3", "-std=c++17", f"-I{ROOT}/csrc",
-           *(f"-I{p}" for p in include_paths()), SOURCE, "-o", out]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        pytest.fail(f"nvcc failed:\n{proc.stderr[-3000:]}")
-    return proc.stderr
+    return nvcc_compile(SOURCE, out, *flags)
 
 
 @pytest.fixture(scope="module")
