@@ -15,7 +15,7 @@ an install without the AOT extension can still build it just in time.
 import importlib.util
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -62,8 +62,13 @@ def _extension_args() -> dict:
             "cmdclass": {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}}
 
 
+#: every subpackage of ema_fused/ (ema, posthoc, averaging, backends, integrations, ...), found
+#: rather than listed so that a new one is never left out of a wheel
+PACKAGES = (["ema_fused"] + [f"ema_fused.{p}" for p in find_packages("ema_fused")]
+            + ["ema_fused.triton_kernels", "ema_fused.csrc"])
+
 setup(
-    packages=["ema_fused", "ema_fused.backends", "ema_fused.triton_kernels", "ema_fused.csrc"],
+    packages=PACKAGES,
     package_dir={"ema_fused": "ema_fused", "ema_fused.triton_kernels": "triton_kernels",
                  "ema_fused.csrc": "csrc"},
     package_data={"ema_fused.csrc": ["*.cpp", "*.cu", "*.h", "README.md"]},

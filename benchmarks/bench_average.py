@@ -28,7 +28,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
-from benchmarks.report import machine_info  # noqa: E402
+from benchmarks.common.report import machine_info  # noqa: E402
 
 MiB = 2 ** 20
 #: vocab, hidden, mlp, layers

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 import ema_fused
-from benchmarks import models, providers, report, timing
+from benchmarks.common import models, providers, report, timing
 
 BYTES_PER_ELEMENT = 10  # bf16 param + fp32 shadow read + written
 DECAY = 0.999

@@ -37,8 +37,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from benchmarks import models, report
-from benchmarks.timing import percentile
+from benchmarks.common import models, report
+from benchmarks.common.timing import percentile
 
 
 def _spec(tiny: bool) -> models.ModelSpec:

@@ -31,10 +31,11 @@ if __package__ in (None, ""):
 
 import torch
 
-from ema_fused import EMA, _host_path
+from ema_fused import EMA
+from ema_fused.ema import host_path as _host_path
 from ema_fused.backends import extension as _extension
-from benchmarks import models, providers, report
-from benchmarks.timing import percentile
+from benchmarks.common import models, providers, report
+from benchmarks.common.timing import percentile
 
 MODEL = "250 x Linear(8, 8)"
 

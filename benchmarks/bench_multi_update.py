@@ -28,7 +28,7 @@ if __package__ in (None, ""):  # run as a script: make the `benchmarks` package 
 import torch
 
 import ema_fused
-from benchmarks import models, report, timing
+from benchmarks.common import models, report, timing
 
 WEIGHT = 1e-3  # 1 - decay: keeps the shadows normal numbers however often they run
 

@@ -39,7 +39,7 @@ import torch
 
 from ema_fused import EMA, PostHocEMA, ops
 from ema_fused.schedules import karras_power
-from benchmarks import models, report, timing
+from benchmarks.common import models, report, timing
 
 SIGMAS = (0.05, 0.10, 0.15, 0.20)
 GB = 1e9

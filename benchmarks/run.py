@@ -31,7 +31,7 @@ if __package__ in (None, ""):  # run as a script: make the `benchmarks` package 
 
 import torch
 
-from benchmarks import models, providers, report, timing
+from benchmarks.common import models, providers, report, timing
 
 GiB = 2**30
 DECAY = 0.999

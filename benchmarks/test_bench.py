@@ -22,7 +22,8 @@ import os
 import pytest
 import torch
 
-from benchmarks import models, providers, run, timing
+from benchmarks import run
+from benchmarks.common import models, providers, timing
 
 pytest.importorskip("pytest_benchmark")
 

@@ -3,7 +3,7 @@
 // per thread: load its param elements once, then update each profile's shadow elements
 // from those registers.  Like multi_tensor.h it builds with both compilers: nvcc for the
 // kernel (cuda_multi_shadow.cu), the host compiler for the tests' CPU emulation
-// (tests/csrc/multi_shadow_emulation.cpp) and nvcc alone for the PTX checks.
+// (tests/kernels/csrc/multi_shadow_emulation.cpp) and nvcc alone for the PTX checks.
 //
 // Napkin math: bf16 param + K fp32 shadows = 2 + 8K bytes per element in one launch,
 // against 10K for K single updates: 18 vs 20 bytes for K = 2 (0.9), 34 vs 40 for K = 4

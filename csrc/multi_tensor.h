@@ -1,7 +1,7 @@
 // The multi-tensor tile engine of the CUDA kernels: table layout, the kernel, and the
 // work of one thread on one tile.  Written for both compilers: nvcc builds it into the
 // kernels (cuda_kernels.cu); the host compiler builds the same code for a CPU emulation
-// that the tests run on machines without a GPU (tests/csrc/cuda_emulation.cpp), so the
+// that the tests run on machines without a GPU (tests/kernels/csrc/cuda_emulation.cpp), so the
 // table, the tile decoding, the dtype dispatch, the weight's exact ends and every
 // access path are checked everywhere.
 //

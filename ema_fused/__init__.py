@@ -7,13 +7,19 @@
     with ema.average_parameters():
         evaluate(model)
 """
+import sys as _sys
+
 from . import schedules
 from .backends import BackendUnavailableError, available_backends
-from ._tracking import ModelChangedError
-from .ema import EMA
+from .ema import EMA, ModelChangedError
 from .averaging import average_checkpoints
 from .ops import ema_copy_, ema_multi_update_, ema_swap_, ema_update_, ema_weighted_sum_
 from .posthoc import PostHocEMA
+from .posthoc import solve as posthoc_solve
+
+# ``ema_fused.posthoc_solve`` was a module of its own before the package was regrouped
+# (README and user code import it): it stays importable under that name.
+_sys.modules[__name__ + ".posthoc_solve"] = posthoc_solve
 
 __version__ = "0.1.0"
 

@@ -79,7 +79,7 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _average(args: argparse.Namespace) -> int:
-    from .averaging import _average as average
+    from .averaging import average_with_progress as average
 
     total = len(args.sources)
 

@@ -18,7 +18,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ._errors import ModelChangedError
+from .checks import ModelChangedError
 
 
 def _dtensor_class() -> Optional[type]:

@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 
-from . import _checkpoint
+from .ema import checkpoint as _checkpoint
 
 __all__ = ["load_peer_state_dict", "PeerLoad", "SOURCES"]
 

@@ -18,9 +18,10 @@ from typing import Sequence
 
 import torch
 
-from . import _validate
 from .backends import foreach as _fallback
 from .backends import selection as _backend
+from .checks import multi as _multi_checks
+from .checks import tensors as _validate
 
 Tensors = Sequence[torch.Tensor]
 
@@ -289,8 +290,6 @@ def ema_weighted_sum_(out: Tensors, inputs: Tensors, weight: float, *,
 # ------------------------------------------------------------ multi-shadow update
 # K profiles' shadows of the same params in one pass (PostHocEMA's profiles).  The
 # registered op takes the shadows flat, profile-major (a schema has no list of lists).
-from . import _multi_checks  # noqa: E402  (kept with the section it serves)
-
 
 def _dispatch_multi(shadows: list[list[torch.Tensor]], params: list[torch.Tensor],
                     weights: list[float], backend: str) -> None:

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from ._numbers import as_real
+from .checks import as_real
 
 __all__ = [
     "Schedule", "constant", "num_updates_warmup", "tau_ramp", "power_warmup",

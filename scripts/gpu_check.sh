@@ -66,7 +66,7 @@ if command -v nvidia-smi > /dev/null; then
     step "nvidia-smi" "$OUT_DIR/setup.log" nvidia-smi
 fi
 
-KERNEL_TESTS=(tests/test_kernels_gpu.py tests/test_kernel_edges.py)
+KERNEL_TESTS=(tests/kernels/test_kernels_gpu.py tests/kernels/test_kernel_edges.py)
 if [ "${EMA_SKIP_TESTS:-0}" = "0" ]; then
     step "tests -m gpu" "$OUT_DIR/tests.log" "$PY" -m pytest -q -ra -p no:cacheprovider tests -m gpu
 fi

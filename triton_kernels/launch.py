@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .._validate import check_no_overlap
+from ..checks import tensors
 from .ema_kernels import ROW as _ROW, copy_kernel, swap_kernel, update_kernel
 
 ROW = int(_ROW.value)
@@ -100,7 +100,7 @@ def plan_for(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], device: torch.d
     if plan is None:
         if capturing:
             raise RuntimeError("ema_fused (triton): " + CAPTURE_MISS.format(n=len(pairs)))
-        check_no_overlap(kind, [a for a, _ in pairs], [b for _, b in pairs])
+        tensors.check_no_overlap(kind, [a for a, _ in pairs], [b for _, b in pairs])
         plan = _plans[key] = Plan(pairs, device)
         if len(_plans) > _CACHE_SIZE:
             _plans.popitem(last=False)

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._multi_checks import check_no_overlap
+from ..checks import multi
 from . import launch
 from .ema_kernels import _lerp, _load, _store
 
@@ -137,7 +137,7 @@ def _groups(shadows, params, active: list[int], device: torch.device) -> list[Gr
     if groups is None:
         if capturing:
             raise RuntimeError("ema_fused (triton): " + launch.CAPTURE_MISS.format(n=len(params)))
-        check_no_overlap([list(p) for p in shadows], params)
+        multi.check_no_overlap([list(p) for p in shadows], params)
         groups = [Group([shadows[k] for k in active[g:g + MAX_PROFILES]], params, device)
                   for g in range(0, len(active), MAX_PROFILES)]
         _plans[key] = groups

@@ -24,8 +24,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .._multi_checks import check_no_overlap as check_multi_overlap
-from .._validate import check_no_overlap
+from ..checks import multi, tensors
 from .selection import Backend, register_backend
 
 #: Elements per piece: small enough to stay in cache on a CPU, large enough to keep
@@ -194,20 +193,20 @@ def update_(shadows: Sequence[torch.Tensor], params: Sequence[torch.Tensor], wei
 
     ``weight``: a Python number, or a 1-element device tensor (graph-safe form).
     ``skip_nonfinite``: elements whose param is NaN or +-Inf keep their shadow.
-    Pairs that share memory are refused first (:func:`check_no_overlap`)."""
-    check_no_overlap("update", shadows, params)
+    Pairs that share memory are refused first (``checks.tensors.check_no_overlap``)."""
+    tensors.check_no_overlap("update", shadows, params)
     update_unchecked(shadows, params, weight, skip_nonfinite)
 
 
 def copy_(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor], scale: float) -> None:
     """``dst[i] = src[i] * scale``, computed in at least fp32 and rounded once into ``dst[i]``."""
-    check_no_overlap("copy", dst, src)
+    tensors.check_no_overlap("copy", dst, src)
     copy_unchecked(dst, src, scale)
 
 
 def swap_(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> None:
     """Exchange ``a[i]`` and ``b[i]`` (equal dtypes) through piece-sized temporaries."""
-    check_no_overlap("swap", a, b)
+    tensors.check_no_overlap("swap", a, b)
     swap_unchecked(a, b)
 
 
@@ -216,7 +215,7 @@ def weighted_sum_(out: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor],
     """``out[i] += weight * inputs[i]`` with ``torch._foreach_add_(alpha=weight)`` where the
     dtypes agree, else in piece-sized casts; computed in the wider of the two dtypes (at
     least fp32) and rounded once into ``out[i]``.  Weight 0 changes and reads nothing."""
-    check_no_overlap("weighted_sum", out, inputs)
+    tensors.check_no_overlap("weighted_sum", out, inputs)
     weighted_sum_unchecked(out, inputs, weight)
 
 
@@ -235,7 +234,7 @@ def split_for_kernels(kind: str, a: Sequence[torch.Tensor], b: Sequence[torch.Te
             ra.append(x)
             rb.append(y)
     if ra:
-        check_no_overlap(kind, a, b)
+        tensors.check_no_overlap(kind, a, b)
     return ka, kb, ra, rb
 
 
@@ -244,7 +243,7 @@ class _Prepared:
     address and layout before each reuse)."""
 
     def __init__(self, shadows: Sequence[torch.Tensor], params: Sequence[torch.Tensor]) -> None:
-        check_no_overlap("update", shadows, params)
+        tensors.check_no_overlap("update", shadows, params)
         self.shadows, self.params = list(shadows), list(params)
 
     def update_(self, weight, skip_nonfinite: bool = False) -> None:
@@ -259,7 +258,7 @@ def multi_update_(shadows: Sequence[Sequence[torch.Tensor]], params: Sequence[to
     """For each profile k, :func:`update_` of ``shadows[k]`` with ``weights[k]``: the same
     bits by construction (each profile reads the params again; the kernel backends read
     them once).  Shadows that share memory with any shadow or param are refused first."""
-    check_multi_overlap([list(p) for p in shadows], params)
+    multi.check_no_overlap([list(p) for p in shadows], params)
     for profile, weight in zip(shadows, weights):
         update_unchecked(profile, params, weight)
 

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .._multi_checks import check_no_overlap
+from ..checks import multi
 
 Profiles = Sequence[Sequence[torch.Tensor]]
 
@@ -46,7 +46,7 @@ def split(shadows: Profiles, params: Sequence[torch.Tensor],
         for k, taken in enumerate(ok):
             (out.single if taken else out.rest)[k].append(i)
     if any(out.single) or any(out.rest):
-        check_no_overlap([list(p) for p in shadows], params)
+        multi.check_no_overlap([list(p) for p in shadows], params)
     return out
 
 

@@ -5,7 +5,7 @@
 
 When it updates: once per training batch in which at least one optimizer really
 stepped, with ``update(step=trainer.global_step)``.  "Really stepped" is seen by a step
-post-hook on each of the trainer's optimizers (``ema_fused._hooks``), so
+post-hook on each of the trainer's optimizers (``ema_fused.ema.hooks``), so
 
 - under gradient accumulation it updates once per optimizer step, not per batch;
 - a step that the AMP GradScaler skipped (inf/NaN gradients) is not an update;
@@ -23,8 +23,8 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
-from .. import _hooks, migrate
-from ..ema import EMA
+from .. import migrate
+from ..ema import EMA, on_real_step
 from ._sharding import refuse_unsupported_sharding
 
 _RAW_KEY = "current_model_state"  # where the raw weights go when the average is exported
@@ -108,7 +108,7 @@ class EMACallback(Callback):
         refuse_unsupported_sharding(_sharding_strategy(trainer))
         if self.ema is None or self._module is not pl_module:
             self._make(pl_module)
-        self._step_hooks = [_hooks.on_real_step(opt, self._mark_step) for opt in trainer.optimizers]
+        self._step_hooks = [on_real_step(opt, self._mark_step) for opt in trainer.optimizers]
 
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
                            outputs: Any, batch: Any, batch_idx: int) -> None:

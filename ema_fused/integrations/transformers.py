@@ -30,8 +30,7 @@ from typing import Any, Optional
 import torch
 from transformers import TrainerCallback
 
-from .. import _hooks
-from ..ema import EMA
+from ..ema import EMA, on_real_step
 from ._sharding import has_dtensor, refuse_unsupported_sharding
 
 STATE_FILE = "ema_fused_state.pt"  # beside the model weights in each checkpoint-N folder
@@ -83,7 +82,7 @@ class EMACallback(TrainerCallback):
         if state.global_step > 0:
             self.ema.load_state_dict(torch.load(self._resume_file(args, state),
                                                 map_location="cpu", weights_only=True))
-        self._step_hook = _hooks.on_real_step(optimizer, self._mark_step)
+        self._step_hook = on_real_step(optimizer, self._mark_step)
 
     def _mark_step(self) -> None:
         self._stepped = True

@@ -1,0 +1,137 @@
+"""The sources of :func:`ema_fused.average_checkpoints`: loading one at a time, picking the
+state dict inside a checkpoint, and its tensors' names, shapes and kinds.
+
+Paths load with ``torch.load(mmap=True, weights_only=True)``: the file is mapped, not
+read, so a first pass over every source's names and shapes reads only the pickles, and
+the second pass holds one source's pages at a time (released when its tensors die).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Union
+
+import torch
+
+from ..ema import checkpoint as _checkpoint
+
+Source = Union[str, "os.PathLike[str]", Mapping[str, Any]]
+Key = Union[None, str, Callable[[Any], Mapping[str, Any]]]
+OP = "average_checkpoints"
+
+
+class Entry(NamedTuple):
+    """One tensor of a source: its key there, shape, dtype and kind."""
+    key: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    kind: str  # "float" (averaged) or "integer" (integers and bools: taken from the last source)
+
+
+def describe(index: int, source: Source) -> str:
+    if isinstance(source, Mapping):
+        return f"source {index} (a {type(source).__name__})"
+    return f"source {index} ({os.fspath(source)!r})"
+
+
+def check_sources(sources) -> list:
+    """The sources as a list; a single path or state dict (not in a list) is refused."""
+    if isinstance(sources, (str, bytes, os.PathLike, Mapping)):
+        raise TypeError(f"{OP}: sources must be a list of paths or state dicts, got a single "
+                        f"{type(sources).__name__}; pass [it]")
+    try:
+        sources = list(sources)
+    except TypeError:
+        raise TypeError(f"{OP}: sources must be a list of paths or state dicts, got "
+                        f"{type(sources).__name__}") from None
+    if not sources:
+        raise ValueError(f"{OP}: no sources given")
+    for i, s in enumerate(sources):
+        if not isinstance(s, (str, os.PathLike, Mapping)):
+            raise TypeError(f"{OP}: sources[{i}] is a {type(s).__name__}; expected a path or "
+                            "a state dict (a mapping of names to tensors)")
+    return sources
+
+
+def check_key(key: Key) -> None:
+    if key is not None and not isinstance(key, str) and not callable(key):
+        raise TypeError(f"{OP}: key must be None, a string (a dotted path such as "
+                        f"'model' or 'state.ema') or a callable, got {type(key).__name__}")
+
+
+def _load(index: int, path, map_location) -> Any:
+    where = describe(index, path)
+    try:
+        return torch.load(path, mmap=True, weights_only=True, map_location=map_location)
+    except RuntimeError as exc:
+        if "mmap can only be used" not in str(exc):
+            raise RuntimeError(f"{OP}: {where} cannot be loaded: {exc}") from exc
+    except Exception as exc:  # unpickling refused (weights_only), missing file, ...
+        raise type(exc)(f"{OP}: {where} cannot be loaded with torch.load(weights_only=True) "
+                        f"({type(exc).__name__}: {str(exc)[:400]}); if you trust the file, "
+                        "load it yourself and pass the state dict") from exc
+    # a file in the legacy (pre-zip) format cannot be mapped: read it whole
+    return torch.load(path, weights_only=True, map_location=map_location)
+
+
+def _select(obj: Any, key: Key, where: str) -> Mapping[str, Any]:
+    """The mapping of tensors ``key`` names in ``obj`` (a whole key first, then dotted)."""
+    if callable(key):
+        sub = key(obj)
+    elif key is None:
+        sub = obj
+    elif isinstance(obj, Mapping) and key in obj:
+        sub = obj[key]
+    else:
+        sub = obj
+        for part in key.split("."):
+            if not isinstance(sub, Mapping) or part not in sub:
+                keys = ", ".join(repr(k) for k in list(sub)[:12]) if isinstance(sub, Mapping) \
+                    else f"a {type(sub).__name__}"
+                raise KeyError(f"{OP}: {where} has no {key!r} (no {part!r} in: {keys})")
+            sub = sub[part]
+    if not isinstance(sub, Mapping):
+        raise TypeError(f"{OP}: {where}: key {key!r} gives a {type(sub).__name__}, not a "
+                        "mapping of names to tensors")
+    return sub
+
+
+def state_dict(index: int, source: Source, key: Key, map_location) -> Mapping[str, Any]:
+    """Source ``index``'s state dict (a path is loaded, memory-mapped)."""
+    where = describe(index, source)
+    obj = source if isinstance(source, Mapping) else _load(index, source, map_location)
+    return _select(obj, key, where)
+
+
+def layout(index: int, source: Source, sd: Mapping[str, Any]) -> dict[str, Entry]:
+    """Plain name (wrapper prefixes removed) -> :class:`Entry`; raises naming the entry
+    for a value that is not a real tensor, or two keys with one plain name."""
+    where = describe(index, source)
+    out: dict[str, Entry] = {}
+    for k, t in sd.items():
+        if not isinstance(t, torch.Tensor):
+            hint = " (pick the state dict inside the checkpoint with key=)" if \
+                isinstance(t, (Mapping, int, float, str)) else ""
+            raise TypeError(f"{OP}: {where}: entry {k!r} is a {type(t).__name__}, not a "
+                            f"tensor{hint}")
+        if t.is_complex():
+            raise TypeError(f"{OP}: {where}: tensor {k!r} is complex ({t.dtype}); only real "
+                            "tensors are averaged")
+        name = _checkpoint.plain_name(k)
+        if name in out:
+            raise ValueError(f"{OP}: {where}: keys {out[name].key!r} and {k!r} name the same "
+                             "tensor once wrapper prefixes (module., _orig_mod.) are removed")
+        kind = "float" if t.is_floating_point() else "integer"
+        out[name] = Entry(k, tuple(t.shape), t.dtype, kind)
+    return out
+
+
+def first_pass(index: int, source: Source, key: Key) -> dict[str, Entry]:
+    """Names, shapes and dtypes of one source; a path's data is mapped, never read."""
+    return layout(index, source, state_dict(index, source, key, "cpu"))
+
+
+def listed(names, limit: Optional[int] = None) -> str:
+    names = list(names)
+    shown = names if limit is None else names[:limit]
+    more = f" and {len(names) - len(shown)} more" if len(names) > len(shown) else ""
+    return ", ".join(repr(n) for n in shown) + more

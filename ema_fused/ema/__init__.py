@@ -1,0 +1,25 @@
+"""The ``EMA`` class and its parts.  Knows nothing of kernels: every update and read goes
+through the op layer (``ema_fused.ops``).
+
+    ema.py            the EMA class: which tensors, which decay, when; its public methods
+    tracking.py       model -> named tensors (ties, frozen params, DTensor locals, wrappers)
+    model_checks.py   what a model may hold, and the checks that find a changed model
+    reads.py          copy_to / store / restore / average_parameters / averaged_weights
+    checkpoint.py     state_dict / load_state_dict: the format and its checks
+    capturable.py     device-side step and decay for CUDA-graph capture
+    host_path.py      the C++ snapshot that lets a cached update plan skip re-reading the model
+    staging.py        updates and copies across devices (shadows on another device), in pieces
+    as_module.py      EMA.as_module(): an nn.Module face carrying the EMA as extra state
+    hooks.py          optimizer step hooks (EMA.attach and the training-loop integrations)
+
+Exported for the layers above (posthoc/, averaging/, integrations/, migrate.py): the class,
+the checkpoint format, cross-device staging and the real-step hook.
+"""
+from . import checkpoint
+from ..checks import ModelChangedError
+from .ema import EMA
+from .hooks import on_real_step
+from .staging import copy_across_, update_across_
+
+__all__ = ["EMA", "ModelChangedError", "checkpoint", "copy_across_", "update_across_",
+           "on_real_step"]

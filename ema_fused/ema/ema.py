@@ -1,0 +1,421 @@
+"""The ``EMA`` class: which tensors, which decay, when; the kernels live below ``ops``."""
+from __future__ import annotations
+
+import functools
+import threading
+from typing import Callable, Iterable, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .. import distributed as _distributed
+from ..backends import selection as _backend
+from ..checks import as_flag, as_int, as_real
+from ..checks import tensors as _validate
+from ..ops import group_by_device
+from ..schedules import constant
+from . import checkpoint as _checkpoint
+from . import hooks as _hooks
+from . import host_path as _host_path
+from .as_module import EMAStateModule
+from .capturable import DeviceSchedule
+from .model_checks import check_not_meta
+from .reads import AveragedReads
+from .staging import copy_across_, update_across_
+from .tracking import Tracked
+
+_BUFFER_POLICIES = ("ema", "copy", "ignore")
+_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def serialized(method):
+    """Run ``method`` holding the EMA's lock: public methods called from several threads
+    run one at a time (the lock is re-entrant, so they may call each other)."""
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return locked
+
+
+class _Plan:
+    """One update's work: averaged pairs, their per-device backends, copied pairs."""
+
+    def __init__(self, ema_s: list, ema_p: list, copy_s: list, copy_p: list) -> None:
+        self.ema_s, self.ema_p, self.copy_s, self.copy_p = ema_s, ema_p, copy_s, copy_p
+        self.groups: Optional[list] = None  # [(backend, shadows, params, prepared)]; None: staged
+        self.key: Optional[list] = None  # the Python check, where there is no snapshot
+        self.snapshot = None  # host_path's C++ check, where the extension is loaded
+
+
+class EMA(AveragedReads):
+    """Exponential moving average of a model's weights, with FP32 master shadows.
+
+    Each :meth:`update` does ``shadow <- decay * shadow + (1 - decay) * param`` for
+    every floating-point tensor in one fused pass per device.  See the README for
+    the step rules, the schedules and the backends.
+
+    Args:
+        model_or_params: an ``nn.Module`` (parameters and buffers, named as in its
+            ``state_dict()``) or an iterable of tensors (named ``"0"``, ``"1"``, ...).
+        decay: the constant decay, used when ``schedule`` is None.
+        schedule: a callable ``n -> decay`` (see :mod:`ema_fused.schedules`).
+        update_after_step: steps ``<=`` this copy the model instead of averaging.
+        update_every: only steps divisible by this change the shadows.
+        buffers: ``"ema"`` average float buffers, ``"copy"`` copy them, ``"ignore"``.
+        dtype: shadow dtype for floating tensors (None: each tensor's own).  A
+            tensor wider than ``dtype`` (e.g. float64) raises instead of downcasting.
+        device: where the shadows live (None: beside each tensor, following it).
+        backend: ``"auto"``, ``"cuda"``, ``"triton"``, ``"cpu"`` or ``"foreach"``.
+        bias_correction: start shadows at zero and divide every read by
+            ``1 - prod(decays so far)``.
+        exclude: fnmatch patterns of tensor names to leave out entirely.
+        capturable: keep the step and the decay in device tensors so that a captured
+            CUDA graph of ``update()`` replays correctly with a changing decay (needs a
+            schedule from :mod:`ema_fused.schedules` and all shadows on one device;
+            ``update()`` then takes no ``step``; reading ``decay``/``num_updates`` syncs).
+        trainable_only: leave out parameters with ``requires_grad=False`` (frozen
+            weights: no shadow, never read or written); one that becomes trainable
+            later raises :class:`ModelChangedError` naming it.  Buffers follow ``buffers``.
+        skip_nonfinite: where an element of a model tensor is NaN or +-Inf, leave its
+            shadow element as it is (averaging and copying steps alike), so one bad
+            value does not poison the average forever.  Decided inside the kernels per
+            element, with no extra pass and no host sync; nothing is reported (check the
+            model yourself if you need to know).
+
+    Every public method may be called from several threads: they serialize, and a call
+    refused because another thread is inside :meth:`average_parameters` changes nothing.
+
+    An ``EMA`` is not an ``nn.Module``: kept as an attribute of a model or a
+    LightningModule it is *not* in their ``state_dict()``.  Save ``ema.state_dict()``
+    yourself, or register ``owner.ema_state = ema.as_module()`` to carry it there.
+    """
+
+    def __init__(self, model_or_params: Union[nn.Module, Iterable[torch.Tensor]],
+                 decay: float = 0.9999, *, schedule: Optional[Callable[[int], float]] = None,
+                 update_after_step: int = 0, update_every: int = 1, buffers: str = "ema",
+                 dtype: Optional[torch.dtype] = torch.float32,
+                 device: Optional[Union[torch.device, str]] = None, backend: str = "auto",
+                 bias_correction: bool = False, exclude: Sequence[str] = (),
+                 capturable: bool = False, trainable_only: bool = False,
+                 skip_nonfinite: bool = False) -> None:
+        if schedule is None:
+            schedule = constant(as_real("EMA: decay", decay))
+        elif not callable(schedule):
+            raise TypeError(f"EMA: schedule must be callable n -> decay, got {schedule!r}")
+        if buffers not in _BUFFER_POLICIES:
+            raise ValueError(f"EMA: buffers must be one of {_BUFFER_POLICIES}, got {buffers!r}")
+        if dtype is not None and dtype not in _validate.FLOAT_DTYPES:
+            raise TypeError(f"EMA: dtype must be one of {_validate.FLOAT_DTYPES} or None, "
+                            f"got {dtype}")
+        if isinstance(exclude, str):
+            exclude = (exclude,)
+        self.schedule = schedule
+        self.update_after_step = as_int("EMA: update_after_step", update_after_step, 0)
+        self.update_every = as_int("EMA: update_every", update_every, 1)
+        self.bias_correction = as_flag("EMA: bias_correction", bias_correction)
+        self.skip_nonfinite = as_flag("EMA: skip_nonfinite", skip_nonfinite)
+        self._device = torch.device(device) if device is not None else None
+        self._backend_request = backend
+        _backend.resolve_name(backend)  # unknown names fail now, not at the first update
+        if self._device is not None and self._device.type == "meta":
+            raise ValueError("EMA: device='meta' cannot hold an average; pick a real device")
+        self._tracked = Tracked(model_or_params, buffers, tuple(exclude),
+                                as_flag("EMA: trainable_only", trainable_only))
+        with torch.no_grad():
+            self._shadows = [self._make_shadow(e, t, dtype) for e, t in
+                             zip(self._tracked.entries, self._tracked.read())]
+        for dev in {_distributed.local(s).device for s in self._shadows}:
+            _backend.select(backend, dev)  # a backend named but unusable fails now
+        self._step = 0
+        self._decay: Optional[float] = None
+        self.backend: Optional[str] = None
+        self._device_schedule: Optional[DeviceSchedule] = None
+        if as_flag("EMA: capturable", capturable):
+            devices = {_distributed.local(sh).device for sh in self._shadows}
+            if len(devices) != 1:
+                raise ValueError(f"EMA: capturable=True needs every shadow on one device, got "
+                                 f"{sorted(map(str, devices))}")
+            self._device_schedule = DeviceSchedule(devices.pop(), schedule,
+                                                   self.update_after_step, self.update_every)
+        self._decay_product = 1.0
+        self._plan: Optional[_Plan] = None
+        self._backup: Optional[list[torch.Tensor]] = None
+        self._lock = threading.RLock()
+        self._inside: Optional[int] = None  # thread inside average_parameters(), if any
+        self._swapped = False  # ... on the swap path: the shadows hold the model's weights
+
+    @property
+    def decay(self) -> Optional[float]:
+        """Decay used by the last update (0.0 when it copied; None before any)."""
+        if self._device_schedule is not None:
+            return self._device_schedule.last_decay()
+        return self._decay
+
+    @property
+    def num_updates(self) -> int:
+        """Step of the last ``update()`` call."""
+        if self._device_schedule is not None:
+            return self._device_schedule.num_updates()
+        return self._step
+
+    def _guard(self, what: str, reads_shadows: bool = False) -> None:
+        """Refuse ``what`` while a thread is inside :meth:`average_parameters` (before it
+        changed anything).  Calls that only read the shadows (``reads_shadows``) are
+        refused only while the shadows hold the model's weights (the swap path)."""
+        if self._inside is None or (reads_shadows and not self._swapped):
+            return
+        where = ("the shadows and the model's weights are swapped" if self._swapped else
+                 "the model holds the averaged weights")
+        if self._inside == threading.get_ident():
+            raise RuntimeError(f"EMA.{what}: not allowed inside average_parameters(), where "
+                               f"{where}")
+        raise RuntimeError(f"EMA.{what}: refused, nothing changed: another thread is inside "
+                           f"average_parameters(), where {where}. To evaluate while training "
+                           "goes on, evaluate a second model filled by ema.copy_to(other)")
+
+    def __getstate__(self) -> dict:
+        """For ``copy.deepcopy``, ``pickle`` and ``torch.save``: the cached plan (kernel
+        tables, C++ snapshots) and the lock are left out and made again when needed."""
+        with self._lock:
+            self._guard("__getstate__ (deepcopy/pickle)")
+            state = dict(self.__dict__)
+        del state["_lock"]
+        state["_plan"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
+
+    def _make_shadow(self, entry, t: torch.Tensor, dtype) -> torch.Tensor:
+        """A new shadow of model tensor ``t``: of its local shard, laid out like it."""
+        src = _distributed.local(t)
+        device = self._device or src.device
+        if not entry.averaged:
+            return _distributed.wrap_like(t, src.detach().to(device, copy=True))
+        if dtype is not None and not _validate.lossless(t.dtype, dtype):
+            raise TypeError(f"EMA: tensor {entry.name!r} is {t.dtype}; shadows of dtype {dtype} "
+                            "would lose precision. Pass dtype=None or a wider dtype")
+        dtype = dtype or t.dtype
+        if self.bias_correction:
+            return _distributed.wrap_like(t, torch.zeros(src.shape, dtype=dtype, device=device))
+        return _distributed.wrap_like(t, src.detach().to(device, dtype, copy=True))
+
+    # ------------------------------------------------------------------ update
+    @serialized
+    def update(self, step: Optional[int] = None) -> None:
+        """Advance the average; call after each optimizer step.
+
+        ``step`` is the caller's 1-based optimizer step (default: an internal
+        counter, 1 at the first call): an int, a numpy integer or a 0-dim integer
+        tensor (a CUDA one syncs).  A step equal to the last one does nothing (so
+        ``update(step=global_step)`` is right under gradient accumulation); a smaller
+        one raises.  Steps not divisible by ``update_every`` change no shadow; steps
+        ``<= update_after_step`` copy the model; others average with
+        ``decay = schedule(step - update_after_step)``.  An update that raises (a
+        schedule that failed, a changed model) leaves the step where it was.
+        """
+        self._guard("update")
+        if self._device_schedule is not None:
+            self._update_on_device(step)
+            return
+        if step is None:
+            step = self._step + 1
+        else:
+            step = as_int("EMA.update: step", step, 1)
+            if step == self._step:
+                return  # this step is averaged already (gradient accumulation)
+            if step < self._step:
+                raise ValueError(f"EMA.update: step {step} comes before the last step "
+                                 f"{self._step}; steps must not go back (to restart, "
+                                 "load a checkpoint with load_state_dict)")
+        if step % self.update_every:
+            self._step = step
+            return
+        if step <= self.update_after_step:
+            decay = 0.0
+        else:
+            decay = _validate.check_scalar(
+                "EMA", f"decay from schedule {self.schedule!r} at n={step - self.update_after_step}",
+                self.schedule(step - self.update_after_step))
+        self._average(0.0 if decay == 0.0 else 1.0 - decay, copy=decay == 0.0)
+        self._step = step
+        self._decay = decay
+        self._decay_product *= decay
+
+    def _update_on_device(self, step: Optional[int]) -> None:
+        """The capturable update: the same rules, evaluated by device ops (no host sync)."""
+        if step is not None:
+            raise ValueError("EMA: with capturable=True the step is counted on the device; "
+                             "call update() without a step")
+        sched = self._device_schedule
+        sched.advance()
+        self._average(sched.weight, copy=False, active=sched.active)
+
+    def _average(self, weight, copy: bool, active: Optional[torch.Tensor] = None) -> None:
+        """One pass over every tracked tensor: average (or copy) the float ones, copy the rest.
+
+        ``active`` (capturable mode): a device bool; where false the copies keep their value.
+        With ``skip_nonfinite`` a copying step is an update of weight 1 (exactly the
+        params), so that the kernels keep the shadows of non-finite elements.
+        """
+        plan = self._plan
+        if plan is None or plan.snapshot is None or not plan.snapshot.still_valid():
+            plan = self._plan_for(self._tracked.read(check_shapes=False))
+        skip = self.skip_nonfinite
+        if copy and skip:
+            weight, copy = 1.0, False
+        with torch.no_grad():
+            if plan.groups is None:  # some shadows live on another device: staged copies
+                if copy:
+                    copy_across_(plan.ema_s, plan.ema_p, 1.0, self._backend_request)
+                else:
+                    update_across_(plan.ema_s, plan.ema_p, weight, self._backend_request, skip)
+            else:
+                for impl, shadows, params, prepared in plan.groups:
+                    if prepared is not None and copy:
+                        prepared.copy_(1.0)
+                    elif prepared is not None:
+                        prepared.update_(weight, skip)
+                    elif copy:
+                        impl.copy_(shadows, params, 1.0)
+                    else:
+                        impl.update_(shadows, params, weight, skip)
+            for s, p in zip(plan.copy_s, plan.copy_p):
+                s.copy_(self._copied_value(s, p, active))
+
+    def _copied_value(self, s: torch.Tensor, p: torch.Tensor,
+                      active: Optional[torch.Tensor]) -> torch.Tensor:
+        """What a copied (not averaged) shadow takes: the model's tensor, except where
+        ``active`` is false (capturable mode) or, with ``skip_nonfinite``, where a
+        floating element (e.g. float8) is not finite."""
+        value = p.to(s.device)
+        if self.skip_nonfinite and value.is_floating_point() and value.dtype == s.dtype:
+            # as raw bits: torch.where has no float8 kernels
+            bits = _SAME_SIZE_INT[value.element_size()]
+            value = torch.where(torch.isfinite(value.float()), value.view(bits),
+                                s.view(bits)).view(s.dtype)
+        return value if active is None else torch.where(active, value, s)
+
+    def _plan_for(self, live: list[torch.Tensor]) -> "_Plan":
+        """The pairs and their backends, reused while every live tensor keeps its address,
+        dtype, device, contiguity and shape, so a replaced storage is never written
+        through an old plan (and a reshaped tensor is reported, naming it).
+
+        Rebuilding costs several passes over the tensors; the check is one.  With the
+        C++ extension loaded, ``_average`` asks the plan's snapshot first (one call, no
+        read) and comes here only when it failed: then the plan is rebuilt even if the
+        key matches (e.g. a new Parameter object over the same storage), so that the
+        next snapshot holds the new objects.
+        """
+        local = _distributed.locals_of(live)  # DTensors: the backends work on local shards
+        key = [(t.data_ptr(), t.dtype, t.get_device(), t.is_contiguous(), t.shape, t is not g)
+               for t, g in zip(local, live)]
+        if self._plan is not None and self._plan.snapshot is None and self._plan.key == key:
+            return self._plan
+        self._plan = None  # a failed check below must not leave the old plan in use
+        self._tracked.check_shapes(live)
+        for e, t in zip(self._tracked.entries, live):
+            check_not_meta(e.name, t)  # never follow a model to meta: the average would go
+        self._follow_sharding(live)
+        self._follow_devices(live)
+        plan = _Plan(*self._split(local))
+        if all(s.device == p.device for s, p in zip(plan.ema_s, plan.ema_p)):
+            plan.groups = []
+            for dev, (ga, gb) in group_by_device(plan.ema_s, plan.ema_p).items():
+                impl = _backend.select(self._backend_request, dev)
+                prepared = impl.prepare(ga, gb) if impl.prepare is not None else None
+                plan.groups.append((impl, ga, gb, prepared))
+        plan.key = key
+        plan.snapshot = _host_path.snapshot(self._tracked, live, self._shadows)
+        self._plan = plan
+        self.backend = self._backend_names()
+        return plan
+
+    def _follow_sharding(self, live: list[torch.Tensor]) -> None:
+        """Pair every shadow with the layout of its model tensor: a model sharded after
+        the EMA was made gets shard shadows (``distributed.follow_sharding``); any
+        other change of layout raises naming the tensor.  A replaced shadow drops the
+        plan, which holds the old shadows."""
+        for i, (e, s, t) in enumerate(zip(self._tracked.entries, self._shadows, live)):
+            new = _distributed.follow_sharding(e.name, s, t)
+            if new is not s:
+                self._shadows[i] = new
+                self._plan = None
+
+    def _follow_devices(self, live: list[torch.Tensor]) -> None:
+        """Shadows made beside a tensor (``device=None``) move when that tensor moved."""
+        if self._device is None:
+            for i, (s, t) in enumerate(zip(self._shadows, live)):
+                s_local, t_local = _distributed.local(s), _distributed.local(t)
+                if s_local.device != t_local.device:
+                    self._shadows[i] = _distributed.wrap_like(s, s_local.to(t_local.device))
+
+    def _split(self, local):
+        """(averaged shadows, params, copied shadows, params), all local tensors."""
+        ema_s, ema_p, copy_s, copy_p = [], [], [], []
+        shadows = _distributed.locals_of(self._shadows)
+        for e, s, t in zip(self._tracked.entries, shadows, local):
+            if e.averaged:
+                if not _validate.lossless(t.dtype, s.dtype):
+                    raise TypeError(f"EMA: tensor {e.name!r} is now {t.dtype} but its shadow is "
+                                    f"{s.dtype}; averaging it would lose precision")
+                ema_s.append(s)
+                ema_p.append(t)
+            else:
+                copy_s.append(s)
+                copy_p.append(t)
+        return ema_s, ema_p, copy_s, copy_p
+
+    def _backend_names(self) -> str:
+        names = {d: _backend.select(self._backend_request, d).name
+                 for d in {_distributed.local(s).device for s, e in
+                           zip(self._shadows, self._tracked.entries) if e.averaged}}
+        if len(set(names.values())) <= 1:
+            return next(iter(names.values()), "none")
+        return ",".join(f"{d}={n}" for d, n in sorted(names.items(), key=str))
+
+    # ------------------------------------------------------------------ checkpoints
+    @serialized
+    def state_dict(self) -> dict:
+        """Shadows and counters; loads with ``torch.load(weights_only=True)``.
+
+        Shadows of DTensors are DTensors, so ``torch.distributed.checkpoint`` can save
+        ``{"ema": ema}`` (an ``EMA`` is DCP ``Stateful``) shard by shard and reshard it
+        on load, across world sizes."""
+        self._guard("state_dict", reads_shadows=True)
+        self._sync_sharding()
+        return _checkpoint.state_of(self)
+
+    @serialized
+    def load_state_dict(self, state_dict: dict, strict: bool = True) -> None:
+        """Load :meth:`state_dict` output; checks everything before changing anything.
+
+        Missing or unexpected shadows raise under ``strict``; keys with ``module.`` or
+        ``_orig_mod.`` segments match their plain names; nothing is ever downcast.  A
+        DTensor shadow takes a DTensor of its own mesh and placements, or a full plain
+        tensor (each rank copies its shard of it); sharded checkpoints of another
+        layout need ``torch.distributed.checkpoint``, which reshards.
+        """
+        self._guard("load_state_dict")
+        self._sync_sharding()
+        _checkpoint.load_into(self, state_dict, strict)
+
+    def as_module(self) -> "nn.Module":
+        """An ``nn.Module`` holding this EMA, to register in a model or LightningModule
+        (``self.ema_state = ema.as_module()``) so that their ``state_dict()`` /
+        ``load_state_dict()`` save and restore the EMA (one key, ``<name>._extra_state``,
+        holding :meth:`state_dict`).  It has no parameters or buffers, so the owner's
+        ``.to()``/``.half()`` never move or cast the shadows."""
+        return EMAStateModule(self)
+
+    # ------------------------------------------------------------------ training loops
+    def attach(self, optimizer: torch.optim.Optimizer) -> "_hooks.AttachHandle":
+        """Call :meth:`update` after every real step of ``optimizer``; returns a handle
+        whose ``remove()`` detaches it.
+
+        A step that ``GradScaler`` skips (inf/NaN gradients) is not counted.  Wrapped
+        optimizers (accelerate, Lightning) are hooked at the optimizer that really steps.
+        """
+        return _hooks.attach(self, optimizer)

@@ -1,0 +1,64 @@
+"""DDP on 2 gloo ranks: ``EMA(ddp_model)`` and ``EMA(ddp_model.module)`` are the same EMA.
+
+Real optimizer steps on different data per rank (DDP averages the gradients), so
+every rank holds the same model and must hold the same shadows; rank 0's checkpoint
+loads on every rank.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from helpers.numerics import rand, seeded
+from helpers.dist_utils import make_model, spawn
+from ema_fused import EMA
+
+DECAY = 0.9
+
+
+def _ddp_worker(rank: int, world_size: int, root: str) -> None:
+    from helpers.ema_reference import Reference
+    model = make_model()
+    ddp = DDP(model)
+    ema_wrapped, ema_inner = EMA(ddp, decay=DECAY), EMA(ddp.module, decay=DECAY)
+    names = set(model.state_dict())
+    assert set(dict(ema_wrapped.named_shadows())) == names  # no "module." segment
+    assert set(ema_wrapped.state_dict()["shadows"]) == set(ema_inner.state_dict()["shadows"])
+    floats = {n for n, t in model.state_dict().items() if t.is_floating_point()}
+    ref = Reference({n: t for n, t in model.state_dict().items() if n in floats},
+                    lambda n: DECAY)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    for step in range(4):
+        ddp(rand((6, 7), torch.float32, seeded("ddp", rank, step))).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        ema_wrapped.update()
+        ema_inner.update()
+        ref.update({n: t for n, t in model.state_dict().items() if n in floats})
+    inner, expected = dict(ema_inner.named_shadows()), ref.read()
+    for name, s in ema_wrapped.named_shadows():
+        assert torch.equal(s, inner[name]), name
+        every = [torch.empty_like(s) for _ in range(world_size)]
+        dist.all_gather(every, s.contiguous())
+        assert all(torch.equal(other, s) for other in every), f"{name} differs across ranks"
+        if name in floats:
+            torch.testing.assert_close(s.double(), expected[name], rtol=2e-6, atol=2e-6)
+    with ema_wrapped.average_parameters(ddp):
+        for name, t in model.state_dict().items():
+            assert torch.equal(t, inner[name].to(t.dtype)), name
+    path = os.path.join(root, "rank0.pt")
+    if rank == 0:
+        torch.save(ema_wrapped.state_dict(), path)
+    dist.barrier()
+    for fresh in (EMA(DDP(make_model()), decay=DECAY), EMA(make_model(), decay=DECAY)):
+        fresh.load_state_dict(torch.load(path, weights_only=True))
+        assert fresh.num_updates == 4
+        for name, s in fresh.named_shadows():
+            assert torch.equal(s, inner[name]), name
+
+
+def test_ddp_both_constructions_equal_on_every_rank(tmp_path):
+    spawn(_ddp_worker, 2, str(tmp_path))
