@@ -13,13 +13,14 @@ through the op layer (``ema_fused.ops``).
     hooks.py          optimizer step hooks (EMA.attach and the training-loop integrations)
 
 Exported for the layers above (posthoc/, averaging/, integrations/, migrate.py): the class,
-the checkpoint format, cross-device staging and the real-step hook.
+the checkpoint format, cross-device staging, the real-step hook and ``serialized`` (the
+lock decorator PostHocEMA shares with its profiles).
 """
 from . import checkpoint
 from ..checks import ModelChangedError
-from .ema import EMA
+from .ema import EMA, serialized
 from .hooks import on_real_step
 from .staging import copy_across_, update_across_
 
 __all__ = ["EMA", "ModelChangedError", "checkpoint", "copy_across_", "update_across_",
-           "on_real_step"]
+           "on_real_step", "serialized"]

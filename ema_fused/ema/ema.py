@@ -159,20 +159,21 @@ class EMA(AveragedReads):
             return self._device_schedule.num_updates()
         return self._step
 
-    def _guard(self, what: str, reads_shadows: bool = False) -> None:
+    def _guard(self, what: str, reads_shadows: bool = False, owner: str = "EMA") -> None:
         """Refuse ``what`` while a thread is inside :meth:`average_parameters` (before it
         changed anything).  Calls that only read the shadows (``reads_shadows``) are
-        refused only while the shadows hold the model's weights (the swap path)."""
+        refused only while the shadows hold the model's weights (the swap path).
+        ``owner`` names the object the user called (a PostHocEMA guards its profiles)."""
         if self._inside is None or (reads_shadows and not self._swapped):
             return
         where = ("the shadows and the model's weights are swapped" if self._swapped else
                  "the model holds the averaged weights")
         if self._inside == threading.get_ident():
-            raise RuntimeError(f"EMA.{what}: not allowed inside average_parameters(), where "
+            raise RuntimeError(f"{owner}.{what}: not allowed inside average_parameters(), where "
                                f"{where}")
-        raise RuntimeError(f"EMA.{what}: refused, nothing changed: another thread is inside "
+        raise RuntimeError(f"{owner}.{what}: refused, nothing changed: another thread is inside "
                            f"average_parameters(), where {where}. To evaluate while training "
-                           "goes on, evaluate a second model filled by ema.copy_to(other)")
+                           "goes on, evaluate a second model filled by copy_to(..., other)")
 
     def __getstate__(self) -> dict:
         """For ``copy.deepcopy``, ``pickle`` and ``torch.save``: the cached plan (kernel
