@@ -81,7 +81,8 @@ class EMA(AveragedReads):
             shadow element as it is (averaging and copying steps alike), so one bad
             value does not poison the average forever.  Decided inside the kernels per
             element, with no extra pass and no host sync; nothing is reported (check the
-            model yourself if you need to know).
+            model yourself if you need to know).  Not with ``bias_correction`` (refused:
+            the one global correction would over-correct the elements that skipped).
 
     Every public method may be called from several threads: they serialize, and a call
     refused because another thread is inside :meth:`average_parameters` changes nothing.
@@ -115,6 +116,16 @@ class EMA(AveragedReads):
         self.update_every = as_int("EMA: update_every", update_every, 1)
         self.bias_correction = as_flag("EMA: bias_correction", bias_correction)
         self.skip_nonfinite = as_flag("EMA: skip_nonfinite", skip_nonfinite)
+        if self.skip_nonfinite and self.bias_correction:
+            # the correction divides every element by 1 - (one global product of decays);
+            # an element that skipped steps had fewer decays applied, so it would read
+            # too small (constant weights 1.0 and one NaN read 0.53, 0.70, ...), and a
+            # per-element product would cost a float per element
+            raise ValueError("EMA: skip_nonfinite=True with bias_correction=True is not "
+                             "supported: the correction divides by one product of decays for "
+                             "all elements, so it would over-correct every element that "
+                             "skipped a step. Use one of the two (e.g. update_after_step= or a "
+                             "warmup schedule instead of bias_correction)")
         self._device = torch.device(device) if device is not None else None
         self._backend_request = backend
         _backend.resolve_name(backend)  # unknown names fail now, not at the first update
