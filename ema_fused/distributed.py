@@ -176,3 +176,26 @@ def export(shadows: Sequence[torch.Tensor], read: Callable[[int], torch.Tensor],
             value = value.cpu() if keep else None
         out.append(value)
     return out if keep else None
+
+
+def broadcast_replicas(what: str, names: Sequence[str], tensors: Sequence[torch.Tensor],
+                       src: int, group: Optional[object]) -> None:
+    """Overwrite each plain tensor with rank ``src``'s (``src`` a global rank, as in
+    ``torch.distributed.broadcast``): one broadcast per tensor, which every rank of
+    ``group`` must join.  For replicas (DDP); a DTensor, whose shards differ by design,
+    raises naming it before anything is sent."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(f"{what}: no process group; call "
+                           "torch.distributed.init_process_group() first")
+    for name, t in zip(names, tensors):
+        if is_dtensor(t):
+            raise TypeError(f"{what}: shadow {name!r} is a DTensor ({describe(t)}): each rank "
+                            "holds its own shard of a sharded model's average, nothing to "
+                            "broadcast")
+    with torch.no_grad():
+        for t in tensors:
+            buf = t if t.is_contiguous() else t.contiguous()  # collectives need dense tensors
+            dist.broadcast(buf, src=src, group=group)
+            if buf is not t:
+                t.copy_(buf)

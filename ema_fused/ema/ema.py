@@ -414,6 +414,22 @@ class EMA(AveragedReads):
         self._sync_sharding()
         _checkpoint.load_into(self, state_dict, strict)
 
+    @serialized
+    def broadcast_shadows(self, src: int = 0, group: Optional[object] = None) -> None:
+        """Make every rank's shadows those of rank ``src`` (a global rank), one broadcast
+        per shadow: a collective, every rank of ``group`` (default: the world) calls it.
+
+        For replicated models (DDP) whose EMA was made before ``DDP(model)`` from weights
+        that differ across ranks (an unseeded init): DDP broadcasts rank 0's weights into
+        the model, not into the shadows, which hold each rank's own.  Call it once, where
+        every rank has made the same updates (e.g. right after ``DDP(model)``); the step
+        counters are not touched.  Sharded (DTensor) shadows are refused."""
+        self._guard("broadcast_shadows")
+        _distributed.broadcast_replicas("EMA.broadcast_shadows",
+                                        [e.name for e in self._tracked.entries],
+                                        self._shadows, as_int("EMA.broadcast_shadows: src",
+                                                              src, 0), group)
+
     def as_module(self) -> "nn.Module":
         """An ``nn.Module`` holding this EMA, to register in a model or LightningModule
         (``self.ema_state = ema.as_module()``) so that their ``state_dict()`` /
