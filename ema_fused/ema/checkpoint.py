@@ -95,8 +95,9 @@ def counters_of(state_dict: Mapping) -> tuple[int, Optional[float], float, bool]
             as_flag("EMA.load_state_dict: bias_correction", state_dict["bias_correction"]))
 
 
-def load_into(ema, state_dict: dict, strict: bool) -> None:
-    """``EMA.load_state_dict()``: every check first, then the copies and counters."""
+def checked(ema, state_dict: dict, strict: bool) -> tuple[list, tuple]:
+    """Every check of :func:`load_into`, writing nothing: ``(copies, counters)``, the
+    ``(shadow, source)`` local tensor pairs to copy and ``(step, decay, product)``."""
     if not isinstance(state_dict, Mapping) or state_dict.get("format") != FORMAT:
         raise ValueError("EMA.load_state_dict: not an ema_fused EMA state_dict")
     if state_dict.get("version") != VERSION:
@@ -121,10 +122,17 @@ def load_into(ema, state_dict: dict, strict: bool) -> None:
         dst = ema._shadows[index[name]]
         check_tensor(name, theirs[key], dst)
         copies.append((_distributed.local(dst), local_source(name, theirs[key], dst)))
+    return copies, (step, decay, product)
+
+
+def load_into(ema, state_dict: dict, strict: bool) -> None:
+    """``EMA.load_state_dict()``: every check first (:func:`checked`), then the copies
+    and counters."""
+    copies, counters = checked(ema, state_dict, strict)
     with torch.no_grad():
         for dst, src in copies:
             if src is not dst:  # dcp.load fills the shadows in place, then passes them here
                 dst.copy_(src)
-    ema._step, ema._decay, ema._decay_product = step, decay, product
+    ema._step, ema._decay, ema._decay_product = counters
     if ema._device_schedule is not None:
         ema._device_schedule.load(ema._step, ema._decay, ema._decay_product)

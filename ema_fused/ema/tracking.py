@@ -16,6 +16,7 @@ from typing import Iterable, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from .as_module import tensor_names_only
 from .model_checks import (ModelChangedError, Slot, check_frozen, check_holdable, check_ties,
                             resolve, unwrap)
 from ..checks import FLOAT_DTYPES
@@ -98,7 +99,8 @@ class Tracked:
                      trainable_only: bool) -> None:
         param_ids = {id(p) for _, p in model.named_parameters(remove_duplicate=False)}
         seen: dict[int, int] = {}
-        state = model.state_dict(keep_vars=True)
+        with tensor_names_only():  # an EMA registered in the model would be asked its state
+            state = model.state_dict(keep_vars=True)
         self._all_names = {n for n, t in state.items() if isinstance(t, torch.Tensor)}
         for name, t in state.items():
             if not isinstance(t, torch.Tensor) or _matches(name, exclude):
@@ -248,7 +250,9 @@ class Tracked:
 
     def _explain_structure_change(self, model: nn.Module) -> None:
         """Raise naming what was added or removed; else accept the new tree (modules swapped)."""
-        now = {n for n, t in model.state_dict(keep_vars=True).items() if isinstance(t, torch.Tensor)}
+        with tensor_names_only():  # the names only: never ask an EMA registered in it
+            now = {n for n, t in model.state_dict(keep_vars=True).items()
+                   if isinstance(t, torch.Tensor)}
         added, removed = sorted(now - self._all_names), sorted(self._all_names - now)
         if added or removed:
             raise ModelChangedError("EMA: the model changed after the EMA was made: "
