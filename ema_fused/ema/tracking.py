@@ -162,7 +162,7 @@ class Tracked:
             raise ModelChangedError(f"EMA: expected {len(self.tensors)} tensors, got {len(tensors)}")
         out = [tensors[int(e.key)] for e in self.entries]
         slots = {s.key: tensors[int(s.key)] for s in self.alias_slots + self.frozen}
-        self._check_slots(out, {"": _ListOwner(slots)})
+        self._check_slots(out, {"": _ListOwner(slots)}, tracked=target is self.tensors)
         return self.check_shapes(out) if check_shapes else out
 
     def _read_module(self, model: nn.Module) -> list[torch.Tensor]:
@@ -185,13 +185,16 @@ class Tracked:
             if t is None:
                 raise ModelChangedError("EMA: " + missing.format(e.name))
             out.append(t)
-        self._check_slots(out, mods)
+        self._check_slots(out, mods, tracked=model is self.module)
         return out
 
-    def _check_slots(self, out: list[torch.Tensor], mods: dict) -> None:
+    def _check_slots(self, out: list[torch.Tensor], mods: dict, tracked: bool) -> None:
+        """Ties must be as they were, in any model read; frozen parameters must stay
+        frozen only in the tracked one (``trainable_only`` chose what is averaged: a read
+        into another model writes those tensors, whatever its requires_grad flags)."""
         if self.alias_slots or len(out) > 1:
             check_ties([e.name for e in self.entries], out, self.alias_slots, mods)
-        if self.frozen:
+        if self.frozen and tracked:
             check_frozen(self.frozen, mods)
 
     def frozen_tensors(self) -> list[torch.Tensor]:
