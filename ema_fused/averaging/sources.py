@@ -70,7 +70,17 @@ def _load(index: int, path, map_location) -> Any:
                         f"({type(exc).__name__}: {str(exc)[:400]}); if you trust the file, "
                         "load it yourself and pass the state dict") from exc
     # a file in the legacy (pre-zip) format cannot be mapped: read it whole
-    return torch.load(path, weights_only=True, map_location=map_location)
+    try:
+        return torch.load(path, weights_only=True, map_location=map_location)
+    except Exception as exc:
+        # torch writes float8 storages into that format but cannot read them back
+        # (its legacy reader asks the untyped storage for a dtype): say so, and how to fix
+        hint = ("torch cannot read float8 tensors back from that format" if
+                isinstance(exc, AttributeError) else "it may hold what weights_only refuses")
+        raise RuntimeError(f"{OP}: {where} is in torch's legacy (non-zip) format and cannot be "
+                           f"loaded ({type(exc).__name__}: {str(exc)[:400]}); {hint}: re-save "
+                           "it with torch.save's default format (or load it yourself and pass "
+                           "the state dict)") from exc
 
 
 def _select(obj: Any, key: Key, where: str) -> Mapping[str, Any]:

@@ -5,14 +5,15 @@
     multi.py     the multi-shadow op's checks (K profiles over one list of params)
     scalars.py   strict reading of the numbers users pass (steps, decays, flags)
     errors.py    ModelChangedError, raised wherever a model no longer matches its EMA
+    devices.py   whether a device the user named can hold tensors here (CUDA without a driver)
 
 The op layer (``ops.py``), the backends and the Triton launchers all check through here,
 so ``ops.py`` can call into ``backends/`` without ``backends/`` importing back up.
 """
-from . import multi, tensors
+from . import devices, multi, tensors
 from .errors import ModelChangedError
 from .scalars import as_flag, as_int, as_optional_real, as_real
 from .tensors import FLOAT_DTYPES, lossless
 
-__all__ = ["multi", "tensors", "ModelChangedError", "as_flag", "as_int", "as_optional_real",
+__all__ = ["devices", "multi", "tensors", "ModelChangedError", "as_flag", "as_int", "as_optional_real",
            "as_real", "FLOAT_DTYPES", "lossless"]

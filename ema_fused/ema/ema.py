@@ -11,6 +11,7 @@ from torch import nn
 from .. import distributed as _distributed
 from ..backends import selection as _backend
 from ..checks import as_flag, as_int, as_real
+from ..checks import devices as _devices
 from ..checks import tensors as _validate
 from ..ops import group_by_device
 from ..schedules import constant
@@ -131,6 +132,9 @@ class EMA(AveragedReads):
         _backend.resolve_name(backend)  # unknown names fail now, not at the first update
         if self._device is not None and self._device.type == "meta":
             raise ValueError("EMA: device='meta' cannot hold an average; pick a real device")
+        missing = _devices.unavailable(self._device) if self._device is not None else None
+        if missing is not None:
+            raise RuntimeError(f"EMA: device={str(self._device)!r}: {missing}")
         self._tracked = Tracked(model_or_params, buffers, tuple(exclude),
                                 as_flag("EMA: trainable_only", trainable_only))
         with torch.no_grad():
@@ -188,7 +192,9 @@ class EMA(AveragedReads):
 
     def __getstate__(self) -> dict:
         """For ``copy.deepcopy``, ``pickle`` and ``torch.save``: the cached plan (kernel
-        tables, C++ snapshots) and the lock are left out and made again when needed."""
+        tables, C++ snapshots) and the lock are left out and made again when needed.
+        The tracked model is copied with the EMA (a bare ``deepcopy(ema)`` tracks a
+        private copy of the model; see the README's "Copies and pickling")."""
         with self._lock:
             self._guard("__getstate__ (deepcopy/pickle)")
             state = dict(self.__dict__)
@@ -445,5 +451,7 @@ class EMA(AveragedReads):
 
         A step that ``GradScaler`` skips (inf/NaN gradients) is not counted.  Wrapped
         optimizers (accelerate, Lightning) are hooked at the optimizer that really steps.
+        An EMA attached to one optimizer is refused by another (both stepping in one
+        iteration would update it twice): ``remove()`` the first handle to move it.
         """
         return _hooks.attach(self, optimizer)

@@ -90,6 +90,15 @@ def attach(ema: Any, optimizer: Any) -> AttachHandle:
     if ema in attached:
         raise RuntimeError("EMA.attach: this EMA is already attached to this optimizer; "
                            "a second hook would update it twice per step")
+    for other, emas in list(_ATTACHED.items()):
+        if other is not opt and ema in emas:
+            # each attach updates once per step of its optimizer: two optimizers stepping
+            # in one iteration (one per parameter kind, say) would update it twice
+            raise RuntimeError(
+                f"EMA.attach: this EMA is already attached to another optimizer "
+                f"({type(other).__name__}); if both step in one iteration it would update "
+                "twice per iteration. Attach it to the optimizer that steps last, or call "
+                "ema.update(step) yourself; remove() the first handle to move it")
     ema_ref = weakref.ref(ema)  # the hook must not keep the EMA (and its shadows) alive
 
     def update() -> None:

@@ -76,8 +76,11 @@ class Tracked:
                     continue
                 self._add(name, "", name, False, t, seen)
         if not self.entries:
+            frozen = (f", and trainable_only=True left out {len(self.frozen)} parameters with "
+                      "requires_grad=False (freeze fewer, or pass trainable_only=False)"
+                      if self.frozen else "")
             raise ValueError("EMA: nothing to average: no tensors left after applying "
-                             f"buffers={buffers!r} and exclude={list(exclude)!r}")
+                             f"buffers={buffers!r} and exclude={list(exclude)!r}{frozen}")
 
     def _add(self, name, path, key, is_buffer, t, seen, averaged_buffers=True) -> None:
         if t.is_complex():

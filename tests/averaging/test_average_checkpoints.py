@@ -268,3 +268,14 @@ def test_peak_memory_of_seven_sources_is_the_output_plus_one_source(tmp_path):
     naive = _peak(paths, "naive")
     assert naive >= 7 * size  # the measurement sees the mapped checkpoints
     assert ours <= 2 * size + (16 << 20), (ours / 2**20, naive / 2**20)  # output + one source
+
+
+def test_a_legacy_file_with_float8_names_the_source(tmp_path):
+    """torch cannot read float8 tensors back from its legacy (non-zip) format: the error
+    names the source and the fix, not torch's raw AttributeError (issue 20, item 8)."""
+    legacy = str(tmp_path / "legacy8.pt")
+    torch.save({"w": torch.ones(3).to(torch.float8_e4m3fn)}, legacy,
+               _use_new_zipfile_serialization=False)
+    with pytest.raises(RuntimeError, match=r"source 1 \('.*legacy8.pt'\).*legacy \(non-zip\) "
+                                           r"format.*float8.*re-save"):
+        average_checkpoints([{"w": torch.ones(3).to(torch.float8_e4m3fn)}, legacy])

@@ -209,3 +209,12 @@ def test_trainable_only_list_reads_into_another_list():
     other = [nn.Parameter(torch.full((3,), 7.0)), nn.Parameter(torch.full((3,), 9.0))]
     ema.copy_to(other)
     assert other[0].tolist() == [1.0] * 3 and other[1].tolist() == [9.0] * 3
+
+
+def test_an_all_frozen_model_with_trainable_only_says_so():
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1)).requires_grad_(False)
+    with pytest.raises(ValueError, match=r"nothing to average.*trainable_only=True left out "
+                                         r"4 parameters with requires_grad=False"):
+        EMA(model, trainable_only=True, buffers="ignore")
+    with pytest.raises(ValueError, match=r"trainable_only=True left out 2"):
+        EMA([torch.zeros(2), torch.ones(2)], trainable_only=True)
