@@ -72,6 +72,15 @@ def _on_registration(parent: nn.Module, name: str, child: Optional[nn.Module]) -
     return None
 
 
+def _watch_registrations() -> None:
+    """Install :func:`_on_registration` once: global state in torch only once an
+    ``EMAStateModule`` exists in this process."""
+    global _registration
+    if _registration is None:
+        _registration = nn.modules.module.register_module_module_registration_hook(
+            _on_registration)
+
+
 class EMAStateModule(nn.Module):
     """Holds an :class:`~ema_fused.EMA` so that its owner's ``state_dict()`` includes it.
 
@@ -83,12 +92,13 @@ class EMAStateModule(nn.Module):
     """
 
     def __init__(self, ema: Any) -> None:  # an EMA (ema.py imports this module, not back)
-        global _registration
         super().__init__()
         self.ema = ema
-        if _registration is None:  # global state in torch only once as_module() is used
-            _registration = nn.modules.module.register_module_module_registration_hook(
-                _on_registration)
+        _watch_registrations()
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        _watch_registrations()  # unpickled in a process that made none
 
     def get_extra_state(self) -> Optional[dict]:
         if getattr(_names_only, "on", False):

@@ -20,6 +20,17 @@ from ema_fused import EMA
 DECAY = 0.9
 
 
+def _train_step(ddp: DDP, opt: torch.optim.Optimizer, tag: str, rank: int, step: int,
+                emas) -> None:
+    """One optimizer step on this rank's own data (DDP averages the gradients), then an
+    update of every EMA in ``emas``."""
+    ddp(rand((6, 7), torch.float32, seeded(tag, rank, step))).square().mean().backward()
+    opt.step()
+    opt.zero_grad()
+    for ema in emas:
+        ema.update()
+
+
 def _ddp_worker(rank: int, world_size: int, root: str) -> None:
     from helpers.ema_reference import Reference
     model = make_model()
@@ -33,11 +44,7 @@ def _ddp_worker(rank: int, world_size: int, root: str) -> None:
                     lambda n: DECAY)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
     for step in range(4):
-        ddp(rand((6, 7), torch.float32, seeded("ddp", rank, step))).square().mean().backward()
-        opt.step()
-        opt.zero_grad()
-        ema_wrapped.update()
-        ema_inner.update()
+        _train_step(ddp, opt, "ddp", rank, step, (ema_wrapped, ema_inner))
         ref.update({n: t for n, t in model.state_dict().items() if n in floats})
     inner, expected = dict(ema_inner.named_shadows()), ref.read()
     for name, s in ema_wrapped.named_shadows():
@@ -87,11 +94,7 @@ def _before_ddp_worker(rank: int, world_size: int) -> None:
     early.broadcast_shadows()
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
     for step in range(3):
-        ddp(rand((6, 7), torch.float32, seeded("early", rank, step))).square().mean().backward()
-        opt.step()
-        opt.zero_grad()
-        early.update()
-        after.update()
+        _train_step(ddp, opt, "early", rank, step, (early, after))
         theirs = dict(after.named_shadows())
         for name, s in early.named_shadows():
             assert torch.equal(s, theirs[name]), (step, name)
