@@ -15,5 +15,5 @@ from .errors import ModelChangedError
 from .scalars import as_flag, as_int, as_optional_real, as_real
 from .tensors import FLOAT_DTYPES, lossless
 
-__all__ = ["devices", "multi", "tensors", "ModelChangedError", "as_flag", "as_int", "as_optional_real",
-           "as_real", "FLOAT_DTYPES", "lossless"]
+__all__ = ["devices", "multi", "tensors", "ModelChangedError", "as_flag", "as_int",
+           "as_optional_real", "as_real", "FLOAT_DTYPES", "lossless"]
