@@ -3,9 +3,10 @@ device in one launch, through the same tables as the update (:mod:`launch`).
 
 ``out`` is float32 (the launcher's :func:`supported` says so; the backend sends float64
 outs to the foreach fallback); inputs are float32, bfloat16 or float16, loaded as fp32.
-The math is one fp32 multiply-add, rounded once when stored.  Any finite weight,
-negative ones included (post-hoc EMA's least-squares solution has them); weight 0
-launches nothing, so an Inf input adds no NaN.
+The math is one fp32 multiply-add, rounded once when stored.  Any finite weight, negative
+ones included (post-hoc EMA's least-squares solution has them).  The kernel gets the
+weight as fp32: one that rounds to 0 there (|w| <= 2^-150) is weight 0, which launches
+nothing, so an Inf input adds no NaN (the CUDA kernel returns early too).
 
 Bytes per element: fp32 out read + written, plus the input: 4 + 4 + 2 = 10 for bf16
 inputs, 12 for fp32.  The tile decoding is written out here as in the update kernel
@@ -19,6 +20,10 @@ import triton.language as tl
 
 from .ema_kernels import ROW, _load
 from .launch import CODES, plan_for, run
+
+#: The largest magnitude that rounds to 0 in fp32 (half the smallest subnormal, 2^-149; the
+#: tie rounds to even, 0): such a weight reaches the kernel as 0.
+FP32_ZERO = 2.0 ** -150
 
 
 @triton.jit
@@ -56,11 +61,11 @@ def supported(out: torch.Tensor, x: torch.Tensor) -> bool:
 
 def weighted_sum(pairs, weight: float) -> None:
     """``out += weight * x`` for every (out, x) pair the kernel supports, one launch.
-    The pairs are checked for overlaps (when their table is built) even for weight 0,
-    which then launches nothing."""
+    The pairs are checked for overlaps (when their table is built) even for weight 0
+    (or one that is 0 in fp32), which then launches nothing."""
     pairs = [(a, b) for a, b in pairs if a.numel()]
     if not pairs:
         return
     plan = plan_for(pairs, pairs[0][0].device, "weighted_sum")
-    if weight != 0.0:
+    if abs(weight) > FP32_ZERO:
         run(weighted_sum_kernel, plan, *plan.views, float(weight))
