@@ -32,6 +32,7 @@ ROW = int(_ROW.value)
 #: vector accesses each.  Not tuned on a GPU yet.
 BLOCK = 2048
 NUM_WARPS = 4
+VECTOR_BYTES = 16  # the widest access: a tile's vectors need both addresses on this grid
 CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _CACHE_SIZE = 16
 CAPTURE_MISS = ("the kernel table for these {n} tensors is not built yet, and it cannot be "
@@ -63,7 +64,11 @@ def _anchor(device: torch.device) -> torch.Tensor:
 
 
 class Plan:
-    """Device tables for one set of pairs: ``tensors`` [n, ROW] and ``tiles`` [m, 2]."""
+    """Device tables for one set of pairs: ``tensors`` [n, ROW] and ``tiles`` [m, 2].
+
+    A tensor whose ``a`` starts off the 16-byte grid gets a head tile (the elements
+    before its first aligned one) and body tiles that start after it, so ``a`` is on
+    the grid in each of them (:mod:`.ema_kernels` says how the kernels use it)."""
 
     def __init__(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
                  device: torch.device, key: tuple = ()) -> None:
@@ -73,19 +78,22 @@ class Plan:
         self.views = tuple(anchor.view(dt) for dt in CODES)  # f32, bf16, f16 anchors
         self.raw = (anchor.view(torch.int32), anchor.view(torch.int16))  # for swaps
         self.streams: set[int] = set()  # CUDA streams the allocator knows read the tables
-        rows, counts = [], []
+        rows, heads, bodies = [], [], []
         for a, b in pairs:
             pa, pb = a.data_ptr(), b.data_ptr()
-            aligned = int(pa % 16 == 0 and pb % 16 == 0)
+            head = min(a.numel(), (-pa) % VECTOR_BYTES // a.element_size())
+            on_grid = (pb + head * b.element_size()) % VECTOR_BYTES == 0
             rows.append(((pa - base) // a.element_size(), (pb - base) // b.element_size(),
-                         a.numel(), CODES[a.dtype], CODES[b.dtype], aligned))
-            counts.append(-(-a.numel() // BLOCK))
-        host = torch.tensor(rows, dtype=torch.int64).view(-1, ROW)
-        count = torch.tensor(counts, dtype=torch.int64)
+                         a.numel(), CODES[a.dtype], CODES[b.dtype], head << 1 | int(on_grid)))
+            heads.append(head)
+            bodies.append(-(-(a.numel() - head) // BLOCK))
+        head = torch.tensor(heads, dtype=torch.int64)
+        has_head = (head > 0).long()
+        count = has_head + torch.tensor(bodies, dtype=torch.int64)
         which = torch.repeat_interleave(torch.arange(len(rows)), count)
-        first_tile = torch.cumsum(count, 0) - count
-        starts = (torch.arange(int(count.sum())) - first_tile[which]) * BLOCK
-        self.tensors = host.to(device)
+        j = torch.arange(int(count.sum())) - (torch.cumsum(count, 0) - count)[which]
+        starts = torch.where(j < has_head[which], 0, head[which] + (j - has_head[which]) * BLOCK)
+        self.tensors = torch.tensor(rows, dtype=torch.int64).view(-1, ROW).to(device)
         self.tiles = torch.stack([which, starts], 1).contiguous().to(device)
         self.n_tiles = int(count.sum())
 
