@@ -13,16 +13,24 @@ Alignment, as the CUDA tile engine (``csrc/multi_tensor.h``): a tensor whose ``a
 starts off the 16-byte grid gets a *head* tile of the elements before its first aligned
 one (at most 3 for fp32, 7 for 16-bit types; masked), and its other tiles start after
 the head, so ``a`` is on the grid in every one of them.  ``layout`` = ``head << 1 |
-both``, ``both`` when ``b`` is on the grid there too (the two sides start equally
-misaligned, or both aligned).  A full tile then uses 16-byte vector loads and stores
-for both sides (``tl.multiple_of`` on the tile's first element), or for ``a`` only and
-unmasked element accesses for ``b`` (the L1 serves its lines); the head and a tensor's
-last partial tile take the masked path.  The element index of lane ``j`` is ``start +
-j``, whatever the path.  The tests check each path's accesses in the compiled PTX.
+both``, ``both`` when ``b`` is on the grid there too (both aligned, or both starting
+equally misaligned).  A full tile then takes one of two paths: 16-byte vectors for both
+sides, or vectors for ``a`` and element accesses for ``b`` (the L1 serves its repeated
+lines; ``a`` is 8 of the 10 bytes of a bf16 -> fp32 update).  The head and a tensor's
+last partial tile take the masked path.  Lane ``j`` is element ``start + j`` of the
+tensor on every path.
 
-The hints must be applied in the kernel body and passed down: Triton drops
-``tl.multiple_of`` facts computed inside a helper or returned from one (seen with
-Triton 3.8 compiling for sm_90), so tile decoding is written out in each kernel.
+Hints.  ``tl.multiple_of`` marks the op that made a value, so the mark holds wherever
+the value is used, in every branch: the paths that must not use vectors on a hinted
+offset mask those accesses, and a mask not constant over a vector (``start + lanes <
+end``, both unknown to the compiler) keeps them element-wise.  That is also why ``b``
+is masked on the ``a``-only path although its tile is full: unmasked, that path would
+be the vector path's code with another ``b`` offset, and the compiler merges the two
+into one (seen with Triton 3.8: the vector path lost its ``b`` vectors).  The masks
+cost no memory traffic.  The hints must be applied in the kernel body and passed down:
+Triton drops ``tl.multiple_of`` facts computed inside a helper on its arguments or
+returned from one, so tile decoding is written out in each kernel.  The tests count
+each path's accesses in the PTX compiled for sm_90.
 
 Ends of the update's weight: 0 returns before any load (nothing changes, even for an
 Inf param); 1 gives exactly the params.  Swaps move raw 32/16-bit words.
