@@ -28,8 +28,9 @@ is masked on the ``a``-only path although its tile is full: unmasked, that path 
 be the vector path's code with another ``b`` offset, and the compiler merges the two
 into one (seen with Triton 3.8: the vector path lost its ``b`` vectors).  The masks
 cost no memory traffic.  The hints must be applied in the kernel body and passed down:
-Triton drops ``tl.multiple_of`` facts computed inside a helper on its arguments or
-returned from one, so tile decoding is written out in each kernel.  The tests count
+Triton drops ``tl.multiple_of`` facts computed inside a helper or returned from one
+(seen with Triton 3.8 compiling for sm_90), so tile decoding is written out in each
+kernel.  The tests count
 each path's accesses in the PTX compiled for sm_90.
 
 Ends of the update's weight: 0 returns before any load (nothing changes, even for an
