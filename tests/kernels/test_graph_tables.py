@@ -21,6 +21,7 @@ from torch import nn
 
 from ema_fused import EMA, available_backends, ema_multi_update_, ema_update_
 
+from helpers.gpu import gpu_backend, warm_up_and_capture
 from helpers.numerics import rand, requires_gpu, seeded
 
 triton = pytest.importorskip("triton")
@@ -179,12 +180,6 @@ def test_a_multi_update_table_launched_in_a_capture_is_kept(capture):
 
 # ------------------------------------------------------------------ real graphs (GPU)
 
-def _gpu_triton() -> None:
-    usable, why = available_backends("cuda")["triton"]
-    if not usable:
-        pytest.fail(f"the triton backend is not usable on this GPU machine: {why}")
-
-
 def _replay_over_junk(graph: torch.cuda.CUDAGraph, eager, times: int = 2) -> None:
     """Fill fresh allocations (over whatever was just freed) with garbage, then replay
     the graph ``times`` times, running ``eager`` after each replay."""
@@ -206,7 +201,7 @@ def _same(got, want) -> None:
 @requires_gpu()
 @pytest.mark.parametrize("weight", [0.25, 1.0])  # 1.0: Prepared's copy path
 def test_gpu_a_prepared_table_outlives_its_holder(weight):
-    _gpu_triton()
+    gpu_backend("triton")
     (s, p), = _pairs("cuda")
     twin = s.clone()
     prepared = launch.Prepared([(s, p)])
@@ -229,19 +224,12 @@ def test_gpu_ema_replays_its_graph_after_a_plan_rebuild(monkeypatch):
     pair sets; a parameter object replaced over the same storage (EMA rebuilds its plan
     and drops the old holder of the captured table); garbage over freed memory; replays
     must match an eager twin."""
-    _gpu_triton()
+    gpu_backend("triton")
     model = _model("cuda")
     graphed = EMA(model, decay=0.9, backend="triton", capturable=True)
     eager = EMA(model, decay=0.9, backend="foreach")
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up: compile, build the tables
-        graphed.update()
-    torch.cuda.current_stream().wait_stream(side)
+    graph = warm_up_and_capture(graphed.update)
     eager.update()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        graphed.update()
     _fill_the_cache("cuda")
     built = []
     real = launch.plan_for
@@ -258,7 +246,7 @@ def test_gpu_ema_replays_its_graph_after_a_plan_rebuild(monkeypatch):
 @pytest.mark.gpu
 @requires_gpu()
 def test_gpu_the_probe_is_not_run_inside_a_capture(monkeypatch):
-    _gpu_triton()
+    gpu_backend("triton")
     monkeypatch.setattr(triton_backend, "_probed", {})
     with torch.cuda.graph(torch.cuda.CUDAGraph()):
         usable, why = available_backends("cuda")["triton"]
@@ -269,7 +257,7 @@ def test_gpu_the_probe_is_not_run_inside_a_capture(monkeypatch):
 @pytest.mark.gpu
 @requires_gpu()
 def test_gpu_an_all_zero_multi_update_captures_twice():
-    _gpu_triton()
+    gpu_backend("triton")
     gen = seeded("multi-zero-gpu")
     params = [rand(n, torch.bfloat16, gen, "cuda") for n in (7, 2 * launch.BLOCK + 1)]
     shadows = [[rand(p.numel(), torch.float32, gen, "cuda") for p in params] for _ in range(2)]

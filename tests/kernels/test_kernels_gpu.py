@@ -13,6 +13,7 @@ from ema_fused import EMA, available_backends, ema_copy_, ema_swap_, ema_update_
 from ema_fused.backends import extension as _extension
 from ema_fused import schedules
 
+from helpers.gpu import warm_up_and_capture
 from helpers.numerics import assert_rounded_close, compute_dtype, lerp_reference, rand
 
 pytestmark = [
@@ -240,15 +241,8 @@ def test_graph_capture_with_changing_decay_matches_eager(backend):
     sched = schedules.power_warmup(0.999, power=0.9)
     graphed = EMA(model, schedule=sched, backend=backend, capturable=True, update_after_step=2)
     eager = EMA(model, schedule=sched, backend=backend, update_after_step=2)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up: compile, build tables
-        graphed.update()
-    torch.cuda.current_stream().wait_stream(side)
+    graph = warm_up_and_capture(graphed.update)  # the warm-up compiles and builds tables
     eager.update()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        graphed.update()
     decays = []
     for _ in range(12):
         with torch.no_grad():

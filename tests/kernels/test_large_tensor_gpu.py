@@ -14,8 +14,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ema_fused import available_backends, ema_multi_update_, ema_update_
-from ema_fused.backends import extension as _extension
+from ema_fused import ema_multi_update_, ema_update_
+
+from helpers.gpu import gpu_backend
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -27,12 +28,7 @@ GIB = 1 << 30
 
 @pytest.fixture(params=["triton", "cuda"])
 def backend(request):
-    if request.param == "cuda":
-        _extension.load(build=True)
-    usable, why = available_backends("cuda")[request.param]
-    if not usable:
-        pytest.fail(f"backend {request.param!r} not usable on this GPU machine: {why}")
-    return request.param
+    return gpu_backend(request.param)
 
 
 def _room(n_tensors: int) -> None:
