@@ -13,7 +13,7 @@ import torch
 
 import ema_fused
 from ema_fused import average_checkpoints
-from ema_fused.averaging import average as _averaging
+from ema_fused.averaging import engine as _engine
 
 from helpers.numerics import rand, seeded
 from helpers.paths import ROOT
@@ -138,7 +138,7 @@ def test_strict_lists_every_missing_and_unexpected_name_before_averaging(tmp_pat
     del two["module.head.weight"]
     two["module.extra.b"], two["module.extra.c"] = torch.ones(1), torch.ones(2)
     calls = []
-    monkeypatch.setattr(_averaging, "ema_weighted_sum_", lambda *a: calls.append(a))
+    monkeypatch.setattr(_engine, "ema_weighted_sum_", lambda *a: calls.append(a))
     with pytest.raises(KeyError) as info:
         average_checkpoints([base, save(tmp_path, "one.pt", one), two])
     text = info.value.args[0]
