@@ -57,7 +57,13 @@ class Reader:
         for name in names:
             tensor = self.tensor(name)
             like = targets.get(name)
-            if like is not None and _distributed.is_dtensor(like):
+            if _distributed.is_dtensor(tensor):  # a sharded state dict in memory
+                if like is None or not _distributed.same_layout(tensor, like):
+                    raise ValueError(f"{OP}: {self.where}: tensor {name!r} is "
+                                     f"{_distributed.describe(tensor)}; a sharded source is "
+                                     "read only into like= tensors laid out the same")
+                tensor = tensor._local_tensor
+            elif like is not None and _distributed.is_dtensor(like):
                 tensor = shard_of(self.where, name, tensor, like)
             sink(name, None, tensor)
             self.release(tensor)
