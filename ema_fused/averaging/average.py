@@ -99,8 +99,9 @@ def average_checkpoints(sources: Sequence[Source], weights: Optional[Sequence[fl
             out like ``like``).  ``like`` must hold exactly the averaged names.
 
     Returns:
-        Without ``out``: a dict, in the first source's order, named by the first source's
-        names with the wrapper prefixes removed.  Floating-point tensors: the weighted
+        Without ``out``: a dict, in the first source's order (for a DCP checkpoint, the
+        order its metadata lists), named by the first source's names with the wrapper
+        prefixes removed.  Floating-point tensors: the weighted
         average, in ``dtype``, on the device of the first source's tensor.  Integer and
         bool tensors (BatchNorm's ``num_batches_tracked``): a copy of the last source's,
         never averaged.  With ``out``: None.

@@ -140,18 +140,20 @@ _ChunkReader = _SinkPlanner = None
 @contextlib.contextmanager
 def calling_dcp() -> Iterator[None]:
     """Around a ``dcp.load``/``dcp.save``: without the warning DCP gives on every
-    single-process call, and raising the first error DCP wrapped in its
-    ``CheckpointException`` (an error of ours raised inside it, e.g.) as it is."""
+    single-process call, and raising the first error that DCP wrapped in its
+    ``CheckpointException`` (a ``BaseException`` whose ``failures`` map ranks to
+    ``(exception, traceback)``) as that error itself: an error of ours raised
+    inside DCP, an ``OSError`` of the disk, come out as they are, on every rank."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is .*unavailable or "
                                 "uninitialized, assuming")
         try:
             yield
-        except Exception as exc:
+        except BaseException as exc:
             failures = getattr(exc, "failures", None)
             if isinstance(failures, Mapping):
                 for failure in failures.values():
-                    inner = getattr(failure, "exception", failure)
+                    inner = failure[0] if isinstance(failure, tuple) and failure else failure
                     if isinstance(inner, Exception):
                         raise inner from None
             raise

@@ -15,6 +15,7 @@ import ema_fused
 from ema_fused import average_checkpoints
 from ema_fused.averaging import engine as _engine
 
+from helpers.averaging import assert_close_to, reference
 from helpers.numerics import rand, seeded
 from helpers.paths import ROOT
 
@@ -31,22 +32,6 @@ def make_state(gen, j: int, dtype=None, prefix: str = "") -> dict:
     sd[prefix + "bn.num_batches_tracked"] = torch.tensor(100 * (j + 1))
     sd[prefix + "mask"] = torch.rand(5, generator=gen) > 0.5
     return sd
-
-
-def reference(states: list[dict], coeffs: list[float]) -> dict:
-    """sum_j c_j * x_j in float64 for every floating tensor (states have plain names)."""
-    return {n: sum(c * s[n].double() for s, c in zip(states, coeffs))
-            for n, t in states[0].items() if t.is_floating_point()}
-
-
-def assert_close_to(result: dict, exact: dict, states: list[dict], coeffs: list[float]):
-    """fp32 accumulation: each of the k additions rounds once (twice without an FMA)."""
-    k = len(states)
-    for n, e in exact.items():
-        mags = sum(abs(c) * s[n].double().abs() for s, c in zip(states, coeffs))
-        err = (result[n].double() - e).abs()
-        assert result[n].dtype == torch.float32 and result[n].shape == e.shape
-        assert bool((err <= 2 * k * 2 ** -24 * mags + 1e-38).all()), (n, float(err.max()))
 
 
 def save(tmp_path, name: str, obj) -> str:
