@@ -9,7 +9,8 @@ next is made.  Peak memory: one group of accumulators (about the largest output 
 plus one piece of one source, whatever the model's size and the number of sources.
 
 With ``targets`` (name -> DTensor), every tensor is made as that DTensor's local shard on
-this rank, from only that shard of each source, with no communication.
+this rank, from only that shard of each source, with no communication, and handed on
+laid out like it, on its local tensor's device.
 """
 from __future__ import annotations
 
@@ -53,6 +54,12 @@ def _local_shape(name: str, entry: Entry, targets: Mapping[str, torch.Tensor]) -
     if like is not None and _distributed.is_dtensor(like):
         return tuple(like._local_tensor.shape)
     return entry.shape
+
+
+def _like(like: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``t`` (a local result) on the device of ``like``'s local tensor, laid out like it
+    (a DTensor where ``like`` is one): a CUDA mesh's collectives need CUDA shards."""
+    return _distributed.wrap_like(like, t.to(_distributed.local(like).device))
 
 
 def _narrow(t: torch.Tensor, box: Box) -> torch.Tensor:
@@ -121,8 +128,7 @@ def weighted_sum(readers: Sequence[Reader], coeffs: Sequence[float],
         done["tensors"] += len(names)
         if on_tensor is not None:
             on_tensor(done["tensors"], len(entries), done["bytes"], total_bytes)
-        return {n: _distributed.wrap_like(targets[n], t) if n in targets else t
-                for n, t in made.items()}
+        return {n: _like(targets[n], t) if n in targets else t for n, t in made.items()}
 
     budget = max([MIN_GROUP_BYTES] + [size(n, specs[n][1]) for n in entries])
     groups, group, used = [], [], 0

@@ -55,7 +55,7 @@ class SafetensorsWriter:
         head, offsets = _st.header(specs, {"format": "pt"})
         tmp = f"{self.path}.tmp-{os.getpid()}"
         try:
-            with open(tmp, "wb") as f:
+            with open(tmp, "w+b") as f:  # read too: tied names copy their bytes back
                 f.write(head)
                 for group in groups:
                     for name, tensor in compute(group).items():

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from ema_fused import __main__ as cli
+from ema_fused import average_checkpoints
 
 from helpers.numerics import rand, seeded
 from helpers.paths import ROOT
@@ -115,3 +116,33 @@ def test_average_errors_list_the_names_and_write_no_file(tmp_path):
     assert proc.returncode == 1
     assert "strict=True" in proc.stderr and "missing 'fc.bias'" in proc.stderr
     assert not os.listdir(tmp_path) or sorted(os.listdir(tmp_path)) == ["ckpt0.pt", "ckpt1.pt"]
+
+
+def test_average_dcp_directories_into_a_safetensors_file(tmp_path):
+    pytest.importorskip("safetensors")
+    import warnings
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import load_file
+    states, _ = _checkpoints(tmp_path, 3)
+    dirs = []
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to")
+        for j, s in enumerate(states):
+            dirs.append(str(tmp_path / f"dcp{j}"))
+            dcp.save({"model": s, "epoch": j}, checkpoint_id=dirs[-1], no_dist=True)
+    out = str(tmp_path / "avg.safetensors")
+    proc = python_m("average", *dirs, "--key", "model", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert "] 3/3 tensors, " in lines[-2] and " GiB read, " in lines[-2], lines
+    assert lines[-1].startswith(f"ema_fused average: wrote 3 tensors to {out} "
+                                "(safetensors file)"), lines
+    result = load_file(out)
+    assert sorted(result) == ["embed.weight", "fc.bias", "steps"]
+    exact = sum(s["fc.bias"].double() for s in states) / 3
+    assert torch.allclose(result["fc.bias"].double(), exact, rtol=1e-6, atol=0)
+    assert int(result["steps"]) == 2
+    proc = python_m("average", *dirs, "--key", "model", "--out", str(tmp_path / "avg_dir") + "/")
+    assert proc.returncode == 0 and "(DCP checkpoint)" in proc.stderr, proc.stderr
+    back = average_checkpoints([str(tmp_path / "avg_dir")])
+    assert torch.equal(back["fc.bias"], result["fc.bias"])

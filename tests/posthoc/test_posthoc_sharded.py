@@ -20,15 +20,16 @@ import pytest
 import torch
 
 from helpers.dist_utils import full, make_model, spawn, step_models
+from helpers.numerics import requires_gpu
 from ema_fused import PostHocEMA
 
 SIGMAS = (0.05, 0.10)
 STEPS, EVERY = 20, 5
 
 
-def _sharded_model() -> torch.nn.Module:
+def _sharded_model(device: str = "cpu") -> torch.nn.Module:
     from torch.distributed.fsdp import fully_shard
-    model = copy.deepcopy(make_model())
+    model = copy.deepcopy(make_model()).to(device)
     fully_shard(model[0])
     fully_shard(model[2])
     fully_shard(model)
@@ -45,14 +46,14 @@ def _train(models, phemas, steps) -> None:
 def _assert_equal(ours: dict, ref: dict, what: str) -> None:
     assert list(ours) == list(ref), what
     for name, t in ref.items():
-        got = full(ours[name])
+        got = full(ours[name]).cpu()
         assert got.dtype == t.dtype and torch.equal(got, t), (what, name, (got - t).abs().max())
 
 
-def _worker(rank: int, world_size: int, root: str) -> None:
+def _worker(rank: int, world_size: int, root: str, device: str = "cpu") -> None:
     from torch.distributed.tensor import DTensor
     folder = os.path.join(root, "sharded")
-    model, plain_model = _sharded_model(), copy.deepcopy(make_model())
+    model, plain_model = _sharded_model(device), copy.deepcopy(make_model()).to(device)
     phema = PostHocEMA(model, SIGMAS, snapshot_every=EVERY, snapshot_dir=folder)
     in_memory = PostHocEMA(model, SIGMAS, snapshot_every=EVERY)
     plain = PostHocEMA(plain_model, SIGMAS, snapshot_every=EVERY)
@@ -65,6 +66,7 @@ def _worker(rank: int, world_size: int, root: str) -> None:
         ours = who.synthesize(0.13)
         assert isinstance(ours["0.weight"], DTensor)  # laid out like the model, unsharded never
         assert ours["0.weight"].placements == model[0].weight.placements
+        assert ours["0.weight"].to_local().device == model[0].weight.to_local().device
         _assert_equal(ours, ref, "synthesize")
     _assert_equal(phema.synthesize(0.07, step=10), plain.synthesize(0.07, step=10), "step=10")
     phema.synthesize_to(model, 0.13)  # fills the sharded model's own shards
@@ -86,6 +88,19 @@ def _worker(rank: int, world_size: int, root: str) -> None:
 
 def test_fsdp2_posthoc_matches_one_process_and_reads_back_in_one_process(tmp_path):
     spawn(_worker, 2, str(tmp_path), timeout=180)
+    _check_in_one_process(tmp_path)
+
+
+@pytest.mark.gpu
+@requires_gpu()
+def test_fsdp2_posthoc_on_a_one_rank_cuda_mesh(tmp_path):
+    """The same on the GPU: FSDP2 over a 1-rank NCCL mesh, shadows and the synthesized
+    shards on the GPU, snapshots read back in this process."""
+    spawn(_worker, 1, str(tmp_path), "cuda", timeout=300, pg_backend="nccl")
+    _check_in_one_process(tmp_path)
+
+
+def _check_in_one_process(tmp_path) -> None:
     folder = tmp_path / "sharded"
     names = sorted(os.listdir(folder))
     assert names == [".phema-0000000021.tmp"] + [f"phema-{s:010d}" for s in (5, 10, 15, 20)]
