@@ -97,7 +97,7 @@ class MappingReader(Reader):
         self.layout = _sources.layout(index, source, self._sd)
 
     def device(self, name: str) -> torch.device:
-        return self._sd[self.layout[name].key].device
+        return _distributed.local(self._sd[self.layout[name].key]).device
 
     def tensor(self, name: str) -> torch.Tensor:
         return self._sd[self.layout[name].key]

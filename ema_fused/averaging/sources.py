@@ -37,8 +37,8 @@ def describe(index: int, source: Source) -> str:
 def check_sources(sources) -> list:
     """The sources as a list; a single path or state dict (not in a list) is refused."""
     if isinstance(sources, (str, bytes, os.PathLike, Mapping)):
-        raise TypeError(f"{OP}: sources must be a list of paths or state dicts, got a single "
-                        f"{type(sources).__name__}; pass [it]")
+        raise TypeError(f"{OP}: sources must be a list of paths (files or DCP directories) or "
+                        f"state dicts, got a single {type(sources).__name__}; pass [it]")
     try:
         sources = list(sources)
     except TypeError:

@@ -9,7 +9,8 @@ tensors at a time; it keeps each only as long as it needs to.
   beside ``out``, syncs it and renames it over ``out``: a cut-off run leaves no file
   under that name.
 * :class:`DcpWriter` runs ``dcp.save`` with a planner whose ``resolve_data`` computes a
-  tensor when DCP writes it (one at a time: one writer thread, no copy-ahead); with
+  tensor when DCP writes it (one at a time: one writer thread, no copy-ahead, a file
+  per tensor); with
   ``distributed=True`` on every rank of the process group (each writes its shards),
   else in this process alone.  DCP writes the ``.metadata`` last, so a cut-off run
   leaves a directory that no DCP reader takes for a checkpoint.
@@ -112,7 +113,10 @@ class DcpWriter:
                 state[name] = torch.empty(shape, dtype=dtype, device="meta")
         alone = self.like is None
         made = not os.path.exists(self.path)
-        writer = FileSystemWriter(self.path, single_file_per_rank=True, thread_count=1,
+        # a file per tensor: DCP keeps every tensor of a file alive until the file is
+        # closed (torch 2.14's writer holds them for its safetensors format), so one file
+        # per rank would hold the whole output
+        writer = FileSystemWriter(self.path, single_file_per_rank=False, thread_count=1,
                                   per_thread_copy_ahead=0)
         try:
             with calling_dcp():

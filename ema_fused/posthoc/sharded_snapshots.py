@@ -140,20 +140,17 @@ def write(averaged: list[dict], copied: dict, meta: dict, folder: Path) -> Path:
     return final
 
 
-def read_meta(path: Path) -> dict:
-    """A sharded snapshot's record (``phema.json``), checked to be one."""
+def read_record(path: Path) -> object:
+    """A sharded snapshot folder's record (``phema.json``, with ``"path"`` added);
+    :func:`.snapshots.load` checks its format and version."""
     try:
         with open(Path(path) / META) as f:
-            meta = json.load(f)
+            record = json.load(f)
     except (OSError, ValueError) as err:
         raise ValueError(f"PostHocEMA: cannot read snapshot {str(path)!r}: {err}") from err
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(f"PostHocEMA: {str(path)!r} is not a PostHocEMA snapshot")
-    if meta.get("version") != VERSION:
-        raise ValueError(f"PostHocEMA: snapshot {str(path)!r} has version "
-                         f"{meta.get('version')}; this ema_fused reads {VERSION}")
-    meta["path"] = Path(path)
-    return meta
+    if isinstance(record, dict):
+        record["path"] = Path(path)
+    return record
 
 
 def is_complete(path: Path) -> bool:

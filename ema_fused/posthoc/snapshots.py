@@ -111,16 +111,18 @@ def load(source: Source) -> Snapshot:
     if isinstance(source, dict):
         return source
     if Path(source).is_dir():
-        return _sharded.read_meta(source)
-    try:
-        snap = torch.load(source, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as err:
-        raise ValueError(f"PostHocEMA: cannot read snapshot {str(source)!r}: {err}") from err
-    if not isinstance(snap, dict) or snap.get("format") != FORMAT:
+        snap, form, version = _sharded.read_record(source), _sharded.FORMAT, _sharded.VERSION
+    else:
+        try:
+            snap = torch.load(source, map_location="cpu", mmap=True, weights_only=True)
+        except Exception as err:
+            raise ValueError(f"PostHocEMA: cannot read snapshot {str(source)!r}: {err}") from err
+        form, version = FORMAT, VERSION
+    if not isinstance(snap, dict) or snap.get("format") != form:
         raise ValueError(f"PostHocEMA: {str(source)!r} is not a PostHocEMA snapshot")
-    if snap.get("version") != VERSION:
+    if snap.get("version") != version:
         raise ValueError(f"PostHocEMA: snapshot {str(source)!r} has version "
-                         f"{snap.get('version')}; this ema_fused reads {VERSION}")
+                         f"{snap.get('version')}; this ema_fused reads {version}")
     return snap
 
 
