@@ -10,7 +10,8 @@ tensors at a time; it keeps each only as long as it needs to.
   under that name.
 * :class:`DcpWriter` runs ``dcp.save`` with a planner whose ``resolve_data`` computes a
   tensor when DCP writes it (one at a time: one writer thread, no copy-ahead, a file
-  per tensor); with
+  per tensor; DCP's writer still holds the tensor it wrote last while it asks for the
+  next, so two output tensors are alive at once); with
   ``distributed=True`` on every rank of the process group (each writes its shards),
   else in this process alone.  DCP writes the ``.metadata`` last, so a cut-off run
   leaves a directory that no DCP reader takes for a checkpoint.

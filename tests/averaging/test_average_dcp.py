@@ -207,7 +207,7 @@ tiny = os.path.join(root, "tiny")
 dcp.save({"w": torch.ones(3)}, checkpoint_id=tiny, no_dist=True)
 ema_fused.average_checkpoints([tiny, tiny], out=os.path.join(root, "w.safetensors"))  # imports
 peaks = {}
-for how, sources in (("dcp", dirs), ("torch", files), ("naive", files)):
+for how, sources in (("dcp", dirs), ("torch", files), ("dcp_dir", dirs), ("naive", files)):
     gc.collect()
     open("/proc/self/clear_refs", "w").write("5")  # the peak RSS starts again from here
     base = status("VmRSS:")
@@ -216,7 +216,8 @@ for how, sources in (("dcp", dirs), ("torch", files), ("naive", files)):
         avg = {n: sum(s[n].float() for s in states) / k for n in states[0]}
         del states, avg
     else:
-        ema_fused.average_checkpoints(sources, out=os.path.join(root, how + ".safetensors"))
+        out = os.path.join(root, how + ("" if how == "dcp_dir" else ".safetensors"))
+        ema_fused.average_checkpoints(sources, out=out)
     peaks[how] = status("VmHWM:") - base
 print(json.dumps(peaks))
 """
@@ -225,7 +226,8 @@ print(json.dumps(peaks))
 def test_streaming_five_sources_keeps_peak_memory_within_two_output_tensors(tmp_path):
     """Peak RSS (which counts mapped file pages as they are touched) while averaging 5
     sources of 44 MiB (bf16) into a safetensors file: within twice the largest output
-    tensor (32 MiB in fp32), for DCP directories and for torch.save files."""
+    tensor (32 MiB in fp32), for DCP directories and torch.save files; into a DCP
+    directory, within three times."""
     import json
     import subprocess
     import sys
@@ -243,5 +245,8 @@ def test_streaming_five_sources_keeps_peak_memory_within_two_output_tensors(tmp_
     peaks = json.loads(proc.stdout.strip().splitlines()[-1])
     largest, source = 8192 * 1024 * 4, 22 * 2 ** 20 * 2
     assert peaks["naive"] >= 5 * source, peaks  # the measurement sees the sources
-    assert peaks["dcp"] <= 2 * largest, {n: p / 2 ** 20 for n, p in peaks.items()}
-    assert peaks["torch"] <= 2 * largest, {n: p / 2 ** 20 for n, p in peaks.items()}
+    for how in ("dcp", "torch"):
+        assert peaks[how] <= 2 * largest, {n: p / 2 ** 20 for n, p in peaks.items()}
+    # into a DCP directory, one output tensor more: DCP's writer still holds the tensor
+    # it wrote last (its loop variable) while it asks for the next one
+    assert peaks["dcp_dir"] <= 3 * largest, {n: p / 2 ** 20 for n, p in peaks.items()}
