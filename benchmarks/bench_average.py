@@ -182,7 +182,8 @@ def main(argv=None) -> int:
     for res in result["results"]:
         print(f"k={res['k']}, {res['parameters'] / 1e6:.1f}M bf16 parameters, "
               f"{res['source_bytes_read'] / 1e9:.2f} GB of sources, largest fp32 tensor "
-              f"{res['largest_fp32_tensor_MiB']:.0f} MiB, fp32 output {res['output_fp32_MiB']:.0f} MiB")
+              f"{res['largest_fp32_tensor_MiB']:.0f} MiB, fp32 output "
+              f"{res['output_fp32_MiB']:.0f} MiB")
         for case, r in res["cases"].items():
             print(f"  {case:<38} {r['median_s']:6.2f} s (min {r['min_s']:.2f}, max "
                   f"{r['max_s']:.2f}), {r['GB_per_s_of_sources']:.2f} GB/s, peak RSS "

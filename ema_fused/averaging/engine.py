@@ -143,7 +143,7 @@ def weighted_sum(readers: Sequence[Reader], coeffs: Sequence[float],
         groups.append(group)
     try:
         return writer.run({n: specs[n] for n in [*entries, *(aliases or {})]},
-                          dict(aliases or {}), compute, groups)
+                          dict(aliases or {}), compute, groups, targets)
     finally:
         for reader in [*readers, *([copied] if copied is not None else [])]:
             reader.close()

@@ -1,8 +1,9 @@
 """Where a streamed average goes: a dict (returned), a safetensors file, or a DCP checkpoint.
 
 Every writer gets the output's names, shapes and dtypes first (``specs``, with tied
-names in ``aliases``) and a ``compute(names) -> {name: tensor}`` that makes a few
-tensors at a time; it keeps each only as long as it needs to.
+names in ``aliases``, and ``targets``: the layouts of a sharded output) and a
+``compute(names) -> {name: tensor}`` that makes a few tensors at a time; it keeps each
+only as long as it needs to.
 
 * :class:`DictWriter` keeps them all (what ``average_checkpoints`` returns).
 * :class:`SafetensorsWriter` writes the header, then each tensor, into a temporary file
@@ -30,6 +31,7 @@ from .dcp_sources import calling_dcp
 from .sources import OP
 
 Spec = tuple[tuple[int, ...], torch.dtype]  # global shape, dtype
+Targets = Mapping[str, torch.Tensor]  # name -> the layout to make it in (like=)
 Compute = Callable[[Sequence[str]], dict[str, torch.Tensor]]
 
 
@@ -37,7 +39,7 @@ class DictWriter:
     """Keeps every tensor: the returned state dict."""
 
     def run(self, specs: Mapping[str, Spec], aliases: Mapping[str, str], compute: Compute,
-            groups: Sequence[Sequence[str]]) -> dict[str, torch.Tensor]:
+            groups: Sequence[Sequence[str]], targets: Targets) -> dict[str, torch.Tensor]:
         made: dict[str, torch.Tensor] = {}
         for group in groups:
             made.update(compute(group))
@@ -53,7 +55,7 @@ class SafetensorsWriter:
         self.path = path
 
     def run(self, specs: Mapping[str, Spec], aliases: Mapping[str, str], compute: Compute,
-            groups: Sequence[Sequence[str]]) -> None:
+            groups: Sequence[Sequence[str]], targets: Targets) -> None:
         head, offsets = _st.header(specs, {"format": "pt"})
         tmp = f"{self.path}.tmp-{os.getpid()}"
         try:
@@ -89,11 +91,11 @@ def _copy_range(f, src: int, dst: int, size: int, piece: int = 64 << 20) -> None
 class DcpWriter:
     """A DCP checkpoint directory at ``path``, written through ``dcp.save``."""
 
-    def __init__(self, path: str, like: Optional[Mapping[str, torch.Tensor]]) -> None:
-        self.path, self.like = path, like
+    def __init__(self, path: str, sharded: bool) -> None:
+        self.path, self.sharded = path, sharded
 
     def run(self, specs: Mapping[str, Spec], aliases: Mapping[str, str], compute: Compute,
-            groups: Sequence[Sequence[str]]) -> None:
+            groups: Sequence[Sequence[str]], targets: Targets) -> None:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint import DefaultSavePlanner, FileSystemWriter
 
@@ -106,13 +108,13 @@ class DcpWriter:
 
         state = {}
         for name, (shape, dtype) in specs.items():
-            like = None if self.like is None else self.like.get(aliases.get(name, name))
+            like = targets.get(aliases.get(name, name))
             if like is not None and _distributed.is_dtensor(like):
                 local = torch.empty(like._local_tensor.shape, dtype=dtype, device="meta")
                 state[name] = _distributed.wrap_like(like, local)
             else:
                 state[name] = torch.empty(shape, dtype=dtype, device="meta")
-        alone = self.like is None
+        alone = not self.sharded
         made = not os.path.exists(self.path)
         # a file per tensor: DCP keeps every tensor of a file alive until the file is
         # closed (torch 2.14's writer holds them for its safetensors format), so one file
@@ -153,4 +155,4 @@ def check_out(out, like: Optional[Mapping[str, torch.Tensor]]):
     if os.path.isdir(path) and os.listdir(path):
         raise FileExistsError(f"{OP}: out={path!r} is a directory that is not empty; a DCP "
                               "checkpoint is written into a new or empty directory")
-    return DcpWriter(path, like)
+    return DcpWriter(path, like is not None)

@@ -85,7 +85,8 @@ def local_copies(profiles: Sequence, dtype: torch.dtype) -> tuple[list[dict], di
                 continue
             loc = _distributed.local(s).detach()
             c = loc.to("cpu", dtype, copy=True)
-            if bad is None and not bool(torch.isfinite(c).all()) and bool(torch.isfinite(loc).all()):
+            finite = bool(torch.isfinite(c).all())
+            if bad is None and not finite and bool(torch.isfinite(loc).all()):
                 bad = f"profile {k}'s shadow {e.name!r} overflows {dtype} (largest magnitude " \
                       f"{loc.abs().max().item():.4g})"
             shadows[e.name] = _distributed.wrap_like(s, c)

@@ -65,7 +65,18 @@ def _save_and_average(rank: int, world_size: int, root: str) -> None:
     assert_close_to({n: full(t) for n, t in ours.items()}, reference(states, [1 / 3] * 3),
                     states, [1 / 3] * 3)
     assert int(ours["seen"]) == STEPS[-1]  # integers: the last source's
-    assert average_checkpoints(paths, key="model", like=like,
+    # another layout than the saved one (columns, not rows): DCP hands over the parts of
+    # the saved row chunks that fall in each rank's columns (strided boxes)
+    from torch.distributed.tensor import Shard, distribute_tensor
+    mesh = like["0.weight"].device_mesh
+    cols = {n: distribute_tensor(torch.zeros(t.shape), mesh, [Shard(1)], src_data_rank=None)
+            if t.dim() == 2 else t for n, t in like.items()}
+    by_cols = average_checkpoints(paths, key="model", like=cols)
+    assert by_cols["0.weight"].placements == (Shard(1),)
+    assert_close_to({n: full(t) for n, t in by_cols.items()}, reference(states, [1 / 3] * 3),
+                    states, [1 / 3] * 3)
+    wrapped = {f"module.{n}": t for n, t in like.items()}  # a DDP-style state dict's names
+    assert average_checkpoints(paths, key="model", like=wrapped,
                                out=os.path.join(root, "avg_like")) is None
 
 
@@ -92,7 +103,8 @@ def test_dcp_checkpoints_of_two_ranks_averaged_in_one_process_and_with_like(tmp_
 def _state(gen, j: int) -> dict:
     return {"embed.weight": rand((37, 11), torch.bfloat16, gen),
             "fc.weight": rand((4097,), torch.float16, gen), "fc.bias": rand(7, torch.float32, gen),
-            "norm.weight": rand(0, torch.float32, gen), "head.weight": rand((1,), torch.float32, gen),
+            "norm.weight": rand(0, torch.float32, gen),
+            "head.weight": rand((1,), torch.float32, gen),
             "bn.num_batches_tracked": torch.tensor(100 * (j + 1)),
             "mask": torch.rand(5, generator=gen) > 0.5}
 
