@@ -80,20 +80,31 @@ def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
                                  and tuple(a.placements) == tuple(b.placements))
 
 
-def local_box(full: torch.Tensor, like: torch.Tensor) -> Optional[torch.Tensor]:
-    """The view of the full (unsharded) tensor ``full`` that is ``like``'s local shard on
-    this rank, with no communication; None where ``like``'s shard is not such a box
-    (a ``Partial`` placement, or a layout whose local shape differs from the box's)."""
+def local_bounds(like: torch.Tensor) -> Optional[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """(global offset, shape) of ``like``'s local shard on this rank, with no
+    communication; None where that shard is not a box of the full tensor (a
+    ``Partial`` placement, or a layout whose local shape differs from the box's)."""
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-    if any(p.is_partial() for p in like.placements) or full.shape != like.shape:
+    if any(p.is_partial() for p in like.placements):
         return None
     shape, offset = compute_local_shape_and_global_offset(like.shape, like.device_mesh,
                                                           like.placements)
     if tuple(shape) != tuple(like._local_tensor.shape):
         return None
+    # an empty shard's offset may lie past the end: clamp it (a zero-length box)
+    offset = tuple(min(o, n) for o, n in zip(offset, like.shape))
+    return offset, tuple(shape)
+
+
+def local_box(full: torch.Tensor, like: torch.Tensor) -> Optional[torch.Tensor]:
+    """The view of the full (unsharded) tensor ``full`` that is ``like``'s local shard on
+    this rank (:func:`local_bounds`), with no communication; None where there is none."""
+    bounds = local_bounds(like) if full.shape == like.shape else None
+    if bounds is None:
+        return None
     view = full
-    for dim, (start, length) in enumerate(zip(offset, shape)):
-        view = view.narrow(dim, min(start, view.shape[dim]), length)
+    for dim, (start, length) in enumerate(zip(*bounds)):
+        view = view.narrow(dim, start, length)
     return view
 
 

@@ -21,6 +21,7 @@ from torch import nn
 from ..checks import FLOAT_DTYPES, as_int
 from ..ema import EMA, serialized
 from . import profiles as _profiles
+from . import sharded_snapshots as _sharded
 from . import snapshots as _snaps
 from . import state as _state
 from . import synthesis as _synthesis
@@ -238,8 +239,9 @@ class PostHocEMA:
         copied tensors as they are), labelled with the step of the last update.
 
         ``step``, if given, must be that step (a check that the caller's count agrees).
-        Written to ``snapshot_dir`` (returns the file) or kept in memory (returns None);
-        a second snapshot of the same step replaces the first."""
+        Written to ``snapshot_dir`` (returns the file, or for a sharded model the DCP
+        folder every rank wrote its shards into: every rank must call it) or kept in
+        memory (returns None); a second snapshot of the same step replaces the first."""
         with self._lock:
             self._guard("snapshot", reads_shadows=True)
             return self._snapshot(step)
@@ -254,10 +256,8 @@ class PostHocEMA:
             raise ValueError(f"PostHocEMA.snapshot: no profile has averaged yet (step {now}, "
                              f"update_after_step={self._schedule.update_after_step}); "
                              "call update() first")
-        payload = _snaps.build(self._emas, now, t, self.snapshot_dtype, self._meta())
-        where: Union[Path, dict] = payload
-        if self.snapshot_dir is not None:
-            where = _snaps.write(payload, self.snapshot_dir)
+        where = _snaps.take(self._emas, now, t, self.snapshot_dtype, self._meta(),
+                            self.snapshot_dir)
         self._snapshots = [s for s in self._snapshots if s[0] != now] + [(now, where)]
         return where if isinstance(where, Path) else None
 
@@ -272,10 +272,12 @@ class PostHocEMA:
         synthesized from this run's snapshots with a step ``<= step`` (EDM2 Algorithm 3,
         coefficients normalised to sum 1).  Returns name -> CPU tensor (fp32 for averaged
         tensors; copied ones from the latest snapshot used), for ``model.load_state_dict``
-        or :meth:`synthesize_to`."""
+        or :meth:`synthesize_to`.  On a sharded model, each rank reads only its own
+        shards of the snapshots and gets DTensors laid out like the model's."""
         step = None if step is None else as_int("PostHocEMA.synthesize: step", step, 0)
         # the sums run on the CPU, where the training backend (e.g. "cuda") may not
-        return _synthesis.synthesize([w for _, w in self._snapshots], sigma_rel, step)
+        return _synthesis.synthesize([w for _, w in self._snapshots], sigma_rel, step,
+                                     targets=_sharded.targets(self._emas))
 
     def synthesize_to(self, model: Union[nn.Module, Sequence[torch.Tensor]], sigma_rel: float,
                       step: Optional[int] = None) -> None:
@@ -288,15 +290,21 @@ class PostHocEMA:
             targets = self._leader._tracked.read(model)
             with torch.no_grad():
                 for e, t in zip(self._leader._tracked.entries, targets):
-                    t.copy_(weights[e.name])
+                    _sharded.copy_into(e.name, t, weights[e.name])
 
     @classmethod
     def synthesize_from(cls, snapshot_dir: Union[str, os.PathLike], sigma_rel: float,
-                        step: Optional[int] = None) -> dict[str, torch.Tensor]:
-        """:meth:`synthesize` after training, from the snapshot files in ``snapshot_dir``
-        alone (no model, no PostHocEMA): every ``phema-*.pt`` there with a step ``<= step``."""
+                        step: Optional[int] = None, *,
+                        out: Optional[Union[str, os.PathLike]] = None
+                        ) -> Optional[dict[str, torch.Tensor]]:
+        """:meth:`synthesize` after training, from the snapshots in ``snapshot_dir`` alone
+        (no model, no PostHocEMA): every ``phema-*.pt`` file and complete ``phema-*/``
+        folder (sharded snapshots, written by any number of ranks) there with a step
+        ``<= step``, in this process; full tensors, streamed one tensor at a time.
+        ``out``: a ``.safetensors`` file (or a directory, for a DCP checkpoint) written
+        a tensor at a time instead of returning the dict (returns None)."""
         step = None if step is None else as_int("PostHocEMA.synthesize_from: step", step, 0)
-        return _synthesis.synthesize(_snaps.list_dir(snapshot_dir), sigma_rel, step)
+        return _synthesis.synthesize(_snaps.list_dir(snapshot_dir), sigma_rel, step, out=out)
 
     # ------------------------------------------------------------------ checkpoints
     @serialized

@@ -8,6 +8,7 @@ from typing import Mapping
 
 from ..checks import as_int
 from ..ema import checkpoint as _checkpoint
+from . import sharded_snapshots as _sharded
 from . import snapshots as _snaps
 
 FORMAT = "ema_fused.PostHocEMA"
@@ -73,7 +74,7 @@ def _snapshot_list(phema, entries: object) -> list:
                              f"files (the first: {entry['file']!r}) but this PostHocEMA has "
                              "no snapshot_dir; pass the folder that holds them")
         path = phema.snapshot_dir / Path(str(entry["file"])).name
-        if not path.is_file():
+        if not (path.is_file() or _sharded.is_complete(path)):
             raise FileNotFoundError(f"PostHocEMA.load_state_dict: snapshot file {str(path)!r} "
                                     f"(step {step}) is missing")
         out.append((step, path))
