@@ -39,6 +39,7 @@
 #     graph tables        20  5 tests: tables of captured graphs pinned, no probe in a capture
 #     the rest            55  ~180 tests: kernels first (65 at real sizes, <= 16M elements;
 #                             93 edge cases of 4K elements), then EMA (18), FSDP (2 processes),
+#                             sharded PostHocEMA on a 1-rank NCCL mesh,
 #                             Lightning, transformers, the benchmark suite (one each, the
 #                             slowest); those may not fit: then TIMED OUT, the log says where
 #   bandwidth             40  benchmarks/bench_bandwidth.py: llama-1.1b and mix500, aligned and
@@ -85,7 +86,8 @@ GRAPHS=(tests/kernels/test_graph_tables.py)
 # then every other file with GPU-marked tests, most important first (the dry run checks
 # that no such file is left out)
 REST=(tests/kernels/test_kernels_gpu.py tests/kernels/test_kernel_edges.py tests/ema/test_gpu.py
-      tests/distributed/test_distributed_fsdp.py tests/integrations/test_lightning.py
+      tests/distributed/test_distributed_fsdp.py tests/posthoc/test_posthoc_sharded.py
+      tests/integrations/test_lightning.py
       tests/integrations/test_transformers.py tests/bench/test_bench_suite.py)
 # memcheck: every kernel kind on both backends, the smallest tests that reach it, no
 # profiler (CUPTI and the sanitizer do not mix), newest kernels first
