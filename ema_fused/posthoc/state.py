@@ -30,27 +30,8 @@ def state_of(phema) -> dict:
 
 
 def _check_profile(ema, state: object, strict: bool) -> None:
-    """The checks ``EMA.load_state_dict`` runs before it writes (``_checkpoint.load_into``)."""
-    if not isinstance(state, Mapping) or state.get("format") != _checkpoint.FORMAT:
-        raise ValueError("not an ema_fused EMA state_dict")
-    if state.get("version") != _checkpoint.VERSION:
-        raise ValueError(f"version {state.get('version')} is not supported")
-    _checkpoint.counters_of(state)
-    if state["bias_correction"] != ema.bias_correction:
-        raise ValueError(f"bias_correction={state['bias_correction']}, this EMA "
-                         f"{ema.bias_correction}")
-    theirs = state.get("shadows")
-    if not isinstance(theirs, Mapping):
-        raise TypeError("'shadows' must be a mapping of names to tensors")
-    names = [e.name for e in ema._tracked.entries]
-    pairs, missing, unexpected = _checkpoint.match_keys(names, theirs)
-    if strict and (missing or unexpected):
-        raise KeyError(f"missing keys {missing}, unexpected keys {unexpected}")
-    index = {n: i for i, n in enumerate(names)}
-    for name, key in pairs.items():
-        dst = ema._shadows[index[name]]
-        _checkpoint.check_tensor(name, theirs[key], dst)
-        _checkpoint.local_source(name, theirs[key], dst)
+    """The checks ``EMA.load_state_dict`` runs before it writes, writing nothing."""
+    _checkpoint.checked(ema, state, strict)
 
 
 def _snapshot_list(phema, entries: object) -> list:
