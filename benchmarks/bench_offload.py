@@ -1,0 +1,238 @@
+"""The offloaded EMA (``EMA(device="cpu", non_blocking=True)``, issue 23) against the
+synchronous offload and the peers' offloads, on the LLaMA-shaped 200M bf16 model.
+
+CPU (params on the host too; what this machine can measure): for each case, the time
+the calling thread spends inside ``update()`` and the background time per update (the
+worker's own clock), medians over interleaved rounds.  Between two updates the previous
+background update is waited for outside the timed region, as a training step longer
+than the update would.  Cases: ``device="cpu"`` synchronous (``non_blocking=False``: the
+fused kernel on the calling thread), ``non_blocking=True`` (the calling thread copies
+the bf16 params into the staging, 6 bytes an element with the write-allocate read, 4
+with the streaming stores used; the fused update moves 10), timm
+``ModelEmaV3(device="cpu", dtype=torch.float32)`` (its docs' offload, with fp32 shadows
+like ours) and diffusers ``EMAModel``
+kept on the host as its training scripts do with ``--offload_ema`` (``foreach=True``;
+``pin_memory()`` and the ``.to("cuda")`` / ``.to("cpu")`` moves around ``step()`` need a
+GPU, so on a CPU only the host step remains; its shadows keep the model's dtype).  Also
+measured: how much Python the calling thread runs while a background update is in
+flight, as a fraction of its idle rate (the GIL is released by the kernels).
+
+GPU (``--device cuda``; not measured on the project's CPU machines): a synthetic training
+loop (matmuls sized so that a step outlasts the offload pipeline) on the 1.1B bf16
+model: step time with no EMA, with the offloaded EMA attached (stream wait before the
+optimizer step), with a plain ``update()`` after the step (stream wait at its end), host
+time inside ``update()``, and the EMA's GPU memory.
+
+The machine may be shared: the load average is recorded at the start and the end;
+compare ratios within one run only.
+
+    python benchmarks/bench_offload.py --out benchmarks/results/
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from ema_fused import EMA
+from benchmarks.common import models, report
+from benchmarks.common.timing import percentile
+
+DECAY = 0.999
+
+
+def _stats(xs: list) -> dict:
+    return {"median_ms": statistics.median(xs), "p20_ms": percentile(xs, 0.2),
+            "p80_ms": percentile(xs, 0.8), "n": len(xs)}
+
+
+def _nudge(params: list) -> None:
+    """A stand-in for an optimizer step: every param changes in place."""
+    with torch.no_grad():
+        torch._foreach_mul_(params, 1.0001)
+
+
+def _ours(model, non_blocking: bool):
+    ema = EMA(model, decay=DECAY, device="cpu", non_blocking=non_blocking)
+
+    def update():
+        ema.update()
+
+    def background() -> float:
+        ema.wait()
+        return ema._offload.last_seconds * 1e3 if non_blocking else 0.0
+    return update, background
+
+
+def _timm(model):
+    from timm.utils import ModelEmaV3
+    ema = ModelEmaV3(model, decay=DECAY, device="cpu", dtype=torch.float32)  # fp32 like ours
+    return (lambda: ema.update(model)), (lambda: 0.0)
+
+
+def _diffusers(model):
+    from diffusers.training_utils import EMAModel
+    params = list(model.parameters())
+    ema = EMAModel(params, decay=DECAY, foreach=True)
+    if torch.cuda.is_available():
+        ema.pin_memory()
+    return (lambda: ema.step(params)), (lambda: 0.0)
+
+
+def cpu_cases(model) -> dict:
+    cases = {"ema_fused device=cpu (sync)": _ours(model, False),
+             "ema_fused device=cpu non_blocking=True": _ours(model, True)}
+    for name, make in (("timm ModelEmaV3(device=cpu, fp32)", _timm),
+                       ("diffusers EMAModel (offload_ema, foreach)", _diffusers)):
+        try:
+            cases[name] = make(model)
+        except ImportError as exc:
+            print(f"skipping {name}: {exc}", file=sys.stderr)
+    return cases
+
+
+def gil_share(model) -> float:
+    """Python iterations per second on the calling thread while a background update runs,
+    over the idle rate."""
+    ema = EMA(model, decay=DECAY, device="cpu", non_blocking=True)
+    ema.update()
+    ema.wait()
+
+    def spin(until) -> tuple[int, float]:
+        n, t0 = 0, time.perf_counter()
+        while not until():
+            n += 1
+        return n, time.perf_counter() - t0
+
+    start = time.perf_counter()
+    n, dt = spin(lambda: time.perf_counter() - start > 0.2)
+    idle = n / dt
+    busy = []
+    for _ in range(3):
+        ema.update()
+        n, dt = spin(ema._offload._job.done.is_set)
+        busy.append(n / max(dt, 1e-9))
+        ema.wait()
+    return statistics.median(busy) / idle
+
+
+def run_cpu(rounds: int, warmup: int) -> dict:
+    spec = models.SPECS["llama-200m"]
+    model = models.build(spec, torch.bfloat16, "cpu")
+    params = list(model.parameters())
+    cases = cpu_cases(model)
+    calling = {name: [] for name in cases}
+    background = {name: [] for name in cases}
+    gc.disable()
+    try:
+        for r in range(warmup + rounds):
+            names = list(cases)
+            names = names[r % len(names):] + names[:r % len(names)]
+            for name in names:
+                update, bg = cases[name]
+                _nudge(params)
+                t0 = time.perf_counter()
+                update()
+                t1 = time.perf_counter()
+                done = bg()
+                if r >= warmup:
+                    calling[name].append((t1 - t0) * 1e3)
+                    background[name].append(done)
+    finally:
+        gc.enable()
+    sync = statistics.median(calling["ema_fused device=cpu (sync)"])
+    out = {}
+    for name in cases:
+        out[name] = {"calling_thread": _stats(calling[name]),
+                     "background": _stats(background[name]),
+                     "calling_over_sync": statistics.median(calling[name]) / sync}
+    return {"model": spec.name, "params": spec.numel, "tensors": spec.tensors,
+            "param_dtype": "bf16", "cases": out,
+            "gil_share_while_background": gil_share(model)}
+
+
+def run_cuda(steps: int) -> dict:
+    """The synthetic training loop on the GPU (see the module docstring)."""
+    dev = torch.device("cuda")
+    spec = models.SPECS["llama-1.1b"]
+    model = models.build(spec, torch.bfloat16, dev)
+    params = list(model.parameters())
+    opt = torch.optim.SGD(params, lr=1e-6)
+    work = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
+
+    def step() -> None:
+        y = work
+        for _ in range(24):  # a step that outlasts the offload pipeline
+            y = y @ work * 1e-3
+        for p in params:
+            p.grad = torch.zeros_like(p) if p.grad is None else p.grad
+        opt.step()
+
+    def time_loop(after_step) -> dict:
+        for _ in range(3):
+            step()
+            after_step()
+        torch.cuda.synchronize()
+        host, t0 = [], time.perf_counter()
+        for _ in range(steps):
+            step()
+            h0 = time.perf_counter()
+            after_step()
+            host.append((time.perf_counter() - h0) * 1e3)
+        torch.cuda.synchronize()
+        return {"step_ms": (time.perf_counter() - t0) / steps * 1e3,
+                "host_in_update": _stats(host)}
+
+    out = {"no EMA": time_loop(lambda: None)}
+    before = torch.cuda.memory_allocated(dev)
+    ema = EMA(model, decay=DECAY, device="cpu", non_blocking=True)
+    handle = ema.attach(opt)
+    out["non_blocking, attached"] = time_loop(lambda: None)
+    out["non_blocking, attached"]["ema_hbm_bytes"] = torch.cuda.memory_allocated(dev) - before
+    handle.remove()
+    out["non_blocking, plain update()"] = time_loop(ema.update)
+    ema.wait()
+    del ema
+    sync = EMA(model, decay=DECAY, device="cpu")
+    out["device=cpu synchronous"] = time_loop(sync.update)
+    base = out["no EMA"]["step_ms"]
+    for row in out.values():
+        row["step_over_no_ema"] = row["step_ms"] / base
+    return {"model": spec.name, "params": spec.numel, "param_dtype": "bf16", "cases": out}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=20, help="GPU loop steps")
+    ap.add_argument("--out", default=None, help="folder for offload_<device>_<date>.json")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    info = report.machine_info(device)
+    result = run_cpu(args.rounds, args.warmup) if device.type == "cpu" else run_cuda(args.steps)
+    result.update(info, load_avg_end=os.getloadavg(), rounds=args.rounds,
+                  threads=torch.get_num_threads())
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        date = info["date"][:10]
+        path = Path(args.out) / f"offload_{info['device_slug']}_{date}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n")
+        print(f"wrote {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
