@@ -114,16 +114,16 @@ def gil_share(model) -> float:
             n += 1
         return n, time.perf_counter() - t0
 
-    start = time.perf_counter()
-    n, dt = spin(lambda: time.perf_counter() - start > 0.2)
-    idle = n / dt
-    busy = []
-    for _ in range(3):
+    idle, busy = [], []
+    for _ in range(3):  # interleaved: the machine's load moves both alike
+        start = time.perf_counter()
+        n, dt = spin(lambda: time.perf_counter() - start > 0.1)
+        idle.append(n / dt)
         ema.update()
         n, dt = spin(ema._offload._job.done.is_set)
         busy.append(n / max(dt, 1e-9))
         ema.wait()
-    return statistics.median(busy) / idle
+    return statistics.median(busy) / statistics.median(idle)
 
 
 def run_cpu(rounds: int, warmup: int) -> dict:
