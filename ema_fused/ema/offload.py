@@ -69,6 +69,7 @@ class Offload:
             self._capture_early(layout, dev)
         enqueued = threading.Event()
 
+        @torch.no_grad()  # grad mode is per thread: params that require grad make no graph
         def work() -> None:
             try:
                 for dev in layout.cuda_devices:

@@ -57,7 +57,7 @@ def _allocate(nbytes: int, pinned: bool) -> torch.Tensor:
     if not pinned:
         return buf
     cudart = torch.cuda.cudart()
-    if int(cudart.cudaHostRegister(buf.data_ptr(), nbytes, 0)) != 0:
+    if int(cudart.cudaHostRegister(buf.data_ptr(), nbytes, 1)) != 0:  # 1: portable
         buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     else:
         weakref.finalize(buf, cudart.cudaHostUnregister, buf.data_ptr())

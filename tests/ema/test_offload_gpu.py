@@ -64,6 +64,8 @@ def test_pinned_pool_once_and_no_gpu_memory():
     assert pool.buffer.numel() == need  # the params in their own dtype, nothing more
     assert torch.cuda.memory_allocated() == before  # no EMA state in GPU memory
     assert all(s.device.type == "cpu" for _, s in ema.named_shadows())
+    # the worker's copies made no autograd graph (grad mode is per thread)
+    assert not any(t.requires_grad for pc in ema._plan.layout.pieces for t in pc.staged)
 
 
 @pytest.mark.parametrize("attached", [False, True])
