@@ -21,7 +21,7 @@ from ema_fused.ema import offload_layout, offload_worker
 from ema_fused.ema.offload import default_threads
 from ema_fused.ema.offload_worker import WorkerDiedError
 
-from helpers.ema_reference import make_model, train_step
+from helpers.ema_reference import make_model
 from helpers.numerics import seeded
 from helpers.paths import ROOT
 
@@ -165,11 +165,11 @@ def _run_python(code: str, timeout: float = 60) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
-@pytest.mark.parametrize("ending", ["exit", "sys.exit", "exception"])
+@pytest.mark.parametrize("ending", ["exit", "exception"])
 def test_exit_with_pending_work_does_not_hang(ending):
     """The interpreter exits promptly with an update still running, whatever ends it."""
     code = f"""
-        import sys, time, torch
+        import torch
         from ema_fused import EMA
         params = [torch.randn(1 << 22) for _ in range(4)]
         ema = EMA(params, decay=0.9, device="cpu", non_blocking=True)
@@ -177,12 +177,10 @@ def test_exit_with_pending_work_does_not_hang(ending):
         for p in params:
             p.add_(1.0)
         ema.update()
-        t = time.perf_counter()
         print("pending", ema._offload._job is not None, flush=True)
-        {'pass' if ending == 'exit' else 'sys.exit(3)' if ending == 'sys.exit'
-         else 'raise SystemError("boom")'}
+        {'pass' if ending == 'exit' else 'raise SystemError("boom")'}
     """
     proc = _run_python(code)
     assert "pending True" in proc.stdout, proc.stderr
-    assert proc.returncode == {"exit": 0, "sys.exit": 3, "exception": 1}[ending], proc.stderr
+    assert proc.returncode == {"exit": 0, "exception": 1}[ending], proc.stderr
     assert "Fatal" not in proc.stderr and "Segmentation" not in proc.stderr, proc.stderr
