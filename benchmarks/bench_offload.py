@@ -164,12 +164,23 @@ def run_cpu(model_name: str, rounds: int, warmup: int) -> dict:
             "gil_share_while_background": gil_share(model)}
 
 
+def _timed(fn, sink: list):
+    """``fn`` that appends its host time (ms) to ``sink``."""
+    def call(*args, **kwargs):
+        t0 = time.perf_counter()
+        fn(*args, **kwargs)
+        sink.append((time.perf_counter() - t0) * 1e3)
+    return call
+
+
 def run_cuda(model_name: str, steps: int) -> dict:
     """The synthetic training loop on the GPU (see the module docstring)."""
     dev = torch.device("cuda")
     spec = models.SPECS[model_name]
     model = models.build(spec, torch.bfloat16, dev)
     params = list(model.parameters())
+    for p in params:
+        p.grad = torch.zeros_like(p)
     opt = torch.optim.SGD(params, lr=1e-6)
     work = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
 
@@ -177,37 +188,59 @@ def run_cuda(model_name: str, steps: int) -> dict:
         y = work
         for _ in range(24):  # a step that outlasts the offload pipeline
             y = y @ work * 1e-3
-        for p in params:
-            p.grad = torch.zeros_like(p) if p.grad is None else p.grad
         opt.step()
 
-    def time_loop(after_step) -> dict:
+    def time_loop(after_step, host: list) -> dict:
         for _ in range(3):
             step()
             after_step()
         torch.cuda.synchronize()
-        host, t0 = [], time.perf_counter()
+        host.clear()
+        t0 = time.perf_counter()
         for _ in range(steps):
             step()
-            h0 = time.perf_counter()
             after_step()
-            host.append((time.perf_counter() - h0) * 1e3)
         torch.cuda.synchronize()
         return {"step_ms": (time.perf_counter() - t0) / steps * 1e3,
-                "host_in_update": _stats(host)}
+                "host_in_update": _stats(host) if host else None}
 
-    out = {"no EMA": time_loop(lambda: None)}
+    out, host = {}, []
+    out["no EMA"] = time_loop(lambda: None, host)
     before = torch.cuda.memory_allocated(dev)
     ema = EMA(model, decay=DECAY, device="cpu", non_blocking=True)
+    ema.update = _timed(ema.update, host)  # attach's hook calls it after each step
     handle = ema.attach(opt)
-    out["non_blocking, attached"] = time_loop(lambda: None)
+    out["non_blocking, attached"] = time_loop(lambda: None, host)
+    ema.wait()
     out["non_blocking, attached"]["ema_hbm_bytes"] = torch.cuda.memory_allocated(dev) - before
     handle.remove()
-    out["non_blocking, plain update()"] = time_loop(ema.update)
+    out["non_blocking, plain update()"] = time_loop(ema.update, host)
     ema.wait()
     del ema
     sync = EMA(model, decay=DECAY, device="cpu")
-    out["device=cpu synchronous"] = time_loop(sync.update)
+    out["device=cpu synchronous"] = time_loop(_timed(sync.update, host), host)
+    del sync
+    try:
+        from timm.utils import ModelEmaV3
+        timm_ema = ModelEmaV3(model, decay=DECAY, device="cpu", dtype=torch.float32)
+        out["timm ModelEmaV3(device=cpu, fp32)"] = time_loop(
+            _timed(lambda: timm_ema.update(model), host), host)
+        del timm_ema
+    except ImportError as exc:
+        print(f"skipping timm: {exc}", file=sys.stderr)
+    try:
+        from diffusers.training_utils import EMAModel
+        d_ema = EMAModel(params, decay=DECAY, foreach=True)
+        d_ema.pin_memory()
+
+        def diffusers_offload() -> None:  # its train_text_to_image.py --offload_ema
+            d_ema.to(device="cuda", non_blocking=True)
+            d_ema.step(params)
+            d_ema.to(device="cpu", non_blocking=True)
+        out["diffusers EMAModel --offload_ema"] = time_loop(_timed(diffusers_offload, host),
+                                                            host)
+    except ImportError as exc:
+        print(f"skipping diffusers: {exc}", file=sys.stderr)
     base = out["no EMA"]["step_ms"]
     for row in out.values():
         row["step_over_no_ema"] = row["step_ms"] / base

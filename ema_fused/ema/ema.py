@@ -21,7 +21,7 @@ from . import host_path as _host_path
 from .as_module import EMAStateModule
 from .capturable import DeviceSchedule
 from .model_checks import check_not_meta
-from .offload import Deferral, Offload
+from .offload import Deferral, Offload, for_ema
 from .offload_layout import Layout
 from .reads import AveragedReads
 from .staging import copy_across_, update_across_
@@ -172,28 +172,12 @@ class EMA(AveragedReads):
         self.non_blocking = as_flag("EMA: non_blocking", non_blocking)
         self._offload_threads = (None if offload_threads is None else
                                  as_int("EMA: offload_threads", offload_threads, 1))
-        self._check_offload()
         self._offload = self._new_offload()
         self._updating_step = 0  # the step update() is averaging (named by offload errors)
 
-    def _check_offload(self) -> None:
-        if self.non_blocking and (self._device is None or self._device.type != "cpu"):
-            raise ValueError("EMA: non_blocking=True is for shadows kept on the host: pass "
-                             f"device='cpu' (got device={self._device})")
-        if self._offload_threads is not None and not self.non_blocking:
-            raise ValueError("EMA: offload_threads sets the threads of the background "
-                             "averaging: pass non_blocking=True (and device='cpu')")
-        if self.non_blocking and self._device_schedule is not None:
-            raise ValueError("EMA: non_blocking=True and capturable=True do not go together "
-                             "(a captured CUDA graph cannot hand work to a host thread)")
-
     def _new_offload(self) -> Optional[Offload]:
-        """The host update path of ``device="cpu"`` shadows (capturable mode keeps the
-        staged one: its step and decay live in device tensors)."""
-        if (self._device is None or self._device.type != "cpu"
-                or self._device_schedule is not None):
-            return None
-        return Offload(self.non_blocking, self._offload_threads)
+        return for_ema(self._device, self.non_blocking, self._offload_threads,
+                       self._device_schedule is not None)
 
     @property
     def decay(self) -> Optional[float]:
@@ -217,8 +201,10 @@ class EMA(AveragedReads):
         ``owner`` names the object the user called (a PostHocEMA guards its profiles).
         With ``settle`` a pending background update is waited for first (its error is
         raised); else only one that already ended is reported."""
-        if self._offload is not None:
-            self._offload.wait() if settle else self._offload.poll()
+        if self._offload is not None and settle:
+            self._offload.wait()
+        elif self._offload is not None:
+            self._offload.poll()
         if self._inside is None or (reads_shadows and not self._swapped):
             return
         where = ("the shadows and the model's weights are swapped" if self._swapped else
@@ -244,7 +230,9 @@ class EMA(AveragedReads):
         return state
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
+        # an EMA pickled before the offload options existed has none of them
+        self.__dict__.update({"non_blocking": False, "_offload_threads": None,
+                              "_updating_step": 0, **state})
         self._lock = threading.RLock()
         self._offload = self._new_offload()
 
@@ -331,7 +319,9 @@ class EMA(AveragedReads):
             weight, copy = 1.0, False
         with torch.no_grad():
             if plan.groups is None and self._offload is not None:  # shadows on the host
-                self._offloaded(plan, weight, copy, skip)
+                self._offload.update(plan, self._tracked.entries, weight, copy, skip,
+                                     self._copied_value, self._updating_step,
+                                     self._backend_request)
             elif plan.groups is None:  # some shadows live on another device: staged copies
                 if copy:
                     copy_across_(plan.ema_s, plan.ema_p, 1.0, self._backend_request)
@@ -350,16 +340,6 @@ class EMA(AveragedReads):
             if plan.groups is not None or self._offload is None:
                 for s, p in zip(plan.copy_s, plan.copy_p):
                     s.copy_(self._copied_value(s, p, active))
-
-    def _offloaded(self, plan: "_Plan", weight: float, copy: bool, skip: bool) -> None:
-        """The update of host shadows through :mod:`.offload` (captured, then averaged
-        in the background with ``non_blocking=True``); copied tensors included."""
-        if plan.layout is None:
-            is_buffer = [e.is_buffer for e in self._tracked.entries if e.averaged]
-            plan.layout = Layout(self._offload.pool, plan.ema_s, plan.ema_p, is_buffer,
-                                 plan.copy_s, plan.copy_p, self._backend_request)
-        self._offload.run(plan.layout, weight, copy, skip,
-                          lambda s, p: self._copied_value(s, p, None), self._updating_step)
 
     def _copied_value(self, s: torch.Tensor, p: torch.Tensor,
                       active: Optional[torch.Tensor]) -> torch.Tensor:

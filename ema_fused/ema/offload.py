@@ -38,6 +38,24 @@ def default_threads() -> int:
     return max(1, torch.get_num_threads() - 1)
 
 
+def for_ema(device: Optional[torch.device], non_blocking: bool, threads: Optional[int],
+            capturable: bool) -> Optional["Offload"]:
+    """The host update path of an EMA with these options, or None where its shadows are
+    not on the host (``device="cpu"``) or it is capturable (its step and decay live in
+    device tensors: it keeps the staged path).  Refuses the options that do not fit."""
+    host = device is not None and device.type == "cpu"
+    if non_blocking and not host:
+        raise ValueError("EMA: non_blocking=True is for shadows kept on the host: pass "
+                         f"device='cpu' (got device={device})")
+    if threads is not None and not non_blocking:
+        raise ValueError("EMA: offload_threads sets the threads of the background "
+                         "averaging: pass non_blocking=True (and device='cpu')")
+    if non_blocking and capturable:
+        raise ValueError("EMA: non_blocking=True and capturable=True do not go together "
+                         "(a captured CUDA graph cannot hand work to a host thread)")
+    return Offload(non_blocking, threads) if host and not capturable else None
+
+
 class BackgroundUpdateError(RuntimeError):
     """A background update failed; raised by the EMA's next call, naming the step."""
 
@@ -59,6 +77,16 @@ class Offload:
         self._fence_lock = threading.Lock()
 
     # ------------------------------------------------------------------ one update
+    def update(self, plan, entries: list, weight: float, copy: bool, skip: bool,
+               copied_value: Callable, step: int, backend: str) -> None:
+        """``EMA._average`` for host shadows: ``plan``'s pairs (copied tensors included)
+        through the plan's :class:`Layout`, made at its first update."""
+        if plan.layout is None:
+            is_buffer = [e.is_buffer for e in entries if e.averaged]
+            plan.layout = Layout(self.pool, plan.ema_s, plan.ema_p, is_buffer, plan.copy_s,
+                                 plan.copy_p, backend)
+        self.run(plan.layout, weight, copy, skip, lambda s, p: copied_value(s, p, None), step)
+
     def run(self, layout: Layout, weight: float, copy: bool, skip: bool,
             copied_value: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
             step: int) -> None:
@@ -178,11 +206,6 @@ class Offload:
         """:meth:`wait` if the pending update already ended (reports its error), else nothing."""
         if self._job is not None and self._job.done.is_set():
             self.wait()
-
-    def close(self) -> None:
-        """Finish the pending update, stop the worker thread."""
-        if self._worker is not None:
-            self._worker.close()
 
 
 class Deferral:

@@ -57,10 +57,12 @@ def _allocate(nbytes: int, pinned: bool) -> torch.Tensor:
     if not pinned:
         return buf
     cudart = torch.cuda.cudart()
-    if int(cudart.cudaHostRegister(buf.data_ptr(), nbytes, 1)) != 0:  # 1: portable
-        buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    else:
-        weakref.finalize(buf, cudart.cudaHostUnregister, buf.data_ptr())
+    err = int(cudart.cudaHostRegister(buf.data_ptr(), nbytes, 1))  # 1: portable
+    if err != 0:
+        raise RuntimeError(f"EMA: pinning {nbytes / 2**20:.1f} MiB of host memory for the "
+                           f"offloaded shadows' staging failed (cudaHostRegister returned "
+                           f"cudaError {err})")
+    weakref.finalize(buf, cudart.cudaHostUnregister, buf.data_ptr())
     buf._ema_pinned = True
     return buf
 
@@ -173,25 +175,24 @@ class Layout:
                 piece.add(s_part, slot_part, p_part)
         for piece in self.pieces:
             piece.prepare(backend)
-        self.cpu_captures = [c for pc in self.pieces if pc.device.type == "cpu"
-                             for c in pc.captures]
+        cpu = [c for pc in self.pieces if pc.device.type == "cpu" for c in pc.captures]
+        mod = _extension.module() if _extension.load(build=False) else None
+        self._capture = mod.capture_ if mod is not None and hasattr(mod, "capture_") else None
+        fast = [(d, s) for d, s in cpu if self._capture and d.is_contiguous()
+                and s.is_contiguous()]
+        self._fast = ([d for d, _ in fast], [s for _, s in fast])
+        self._slow = [(d, s) for d, s in cpu if not (self._capture and d.is_contiguous()
+                                                     and s.is_contiguous())]
         self.cuda_devices = sorted({pc.device for pc in self.pieces if pc.device.type == "cuda"},
                                    key=str)
-        self.staging_bytes = total
 
     def capture_cpu(self) -> None:
-        """Copy the CPU sources into their slots, bit for bit (the calling thread)."""
-        pairs = self.cpu_captures
-        fast = [(d, s) for d, s in pairs if d.is_contiguous() and s.is_contiguous()]
-        mod = _extension.module() if _extension.load(build=False) else None
-        if mod is not None and hasattr(mod, "capture_") and fast:
-            mod.capture_([d for d, _ in fast], [s for _, s in fast])
-        else:
-            fast = []
-        done = {id(d) for d, _ in fast}
-        for d, s in pairs:
-            if id(d) not in done:
-                d.copy_(s)
+        """Copy the CPU sources into their slots, bit for bit, on the calling thread: one
+        C++ call for the contiguous ones (csrc/cpu_offload.cpp), ``copy_`` for the rest."""
+        if self._fast[0]:
+            self._capture(*self._fast)
+        for d, s in self._slow:
+            d.copy_(s)
 
 
 def _cut(s: torch.Tensor, slot: torch.Tensor, p: torch.Tensor, piece_bytes: int):

@@ -377,3 +377,17 @@ def test_staging_is_allocated_once_and_sized_to_the_model():
     assert pool.allocations == 1
     need = sum(-(-t.numel() * t.element_size() // 64) * 64 for t in model.state_dict().values())
     assert pool.buffer.numel() == need
+
+
+def test_an_ema_pickled_before_the_offload_options_still_loads():
+    model = make_model()
+    ema = EMA(model, decay=0.5, device="cpu")
+    state = ema.__getstate__()
+    for key in ("non_blocking", "_offload_threads", "_updating_step", "_offload"):
+        del state[key]  # what an older ema_fused pickled
+    old = EMA.__new__(EMA)
+    old.__setstate__(state)
+    assert old.non_blocking is False and old._offload is not None
+    train_step(old._tracked.module, seeded("old pickle"))
+    old.update()
+    assert old.num_updates == 1
