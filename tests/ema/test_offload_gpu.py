@@ -149,20 +149,21 @@ def test_buffers_written_by_the_next_forward_are_captured_before_it():
 
 
 def test_long_run_bit_identical_to_synchronous_offload():
-    models = [_bn_model(), _bn_model()]
-    opts = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in models]
-    emas = [EMA(models[0], decay=0.999, device="cpu"),
-            EMA(models[1], decay=0.999, device="cpu", non_blocking=True)]
-    emas[1].attach(opts[1])
+    """One model, two EMAs of it: attached with non_blocking=True, and the synchronous
+    offload updated by hand after the same steps."""
+    model = _bn_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    background = EMA(model, decay=0.999, device="cpu", non_blocking=True)
+    blocking = EMA(model, decay=0.999, device="cpu")
+    background.attach(opt)
     gen = seeded("long")
     for _ in range(200):
-        x = torch.randn(16, 64, generator=gen).cuda().bfloat16()
-        for m, o, e in zip(models, opts, emas):
-            m(x).float().square().mean().backward()
-            o.step()
-            o.zero_grad()
-        emas[0].update()
-    got, want = _shadows(emas[1]), _shadows(emas[0])
+        model(torch.randn(16, 64, generator=gen).cuda().bfloat16()).float().square().mean() \
+            .backward()
+        opt.step()  # background.update() runs here
+        opt.zero_grad()
+        blocking.update()
+    got, want = _shadows(background), _shadows(blocking)
     for k in want:
         assert torch.equal(got[k], want[k]), k
-    assert emas[0].num_updates == emas[1].num_updates == 200
+    assert background.num_updates == blocking.num_updates == 200
