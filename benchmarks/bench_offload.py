@@ -36,6 +36,7 @@ import json
 import os
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -117,8 +118,9 @@ def gil_share(model) -> float:
 
     idle, busy = [], []
     for _ in range(3):  # interleaved: the machine's load moves both alike
-        start = time.perf_counter()
-        n, dt = spin(lambda: time.perf_counter() - start > 0.1)
+        window = threading.Event()  # the same predicate as below: an Event's is_set
+        threading.Timer(0.1, window.set).start()
+        n, dt = spin(window.is_set)
         idle.append(n / dt)
         ema.update()
         n, dt = spin(ema._offload._job.done.is_set)

@@ -45,8 +45,10 @@ def test_background_update_releases_the_gil():
             n += 1
         return n
 
-    start = time.perf_counter()
-    idle = spin(lambda: time.perf_counter() - start > 0.05) / 0.05
+    window = threading.Event()  # the same predicate as below: an Event's is_set
+    threading.Timer(0.05, window.set).start()
+    t0 = time.perf_counter()
+    idle = spin(window.is_set) / (time.perf_counter() - t0)
     rates = []
     for _ in range(3):
         params[0].add_(1.0)
