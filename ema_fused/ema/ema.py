@@ -21,6 +21,8 @@ from . import host_path as _host_path
 from .as_module import EMAStateModule
 from .capturable import DeviceSchedule
 from .model_checks import check_not_meta
+from .offload import Deferral, Offload, for_ema
+from .offload_layout import Layout
 from .reads import AveragedReads
 from .staging import copy_across_, update_across_
 from .tracking import Tracked
@@ -47,6 +49,7 @@ class _Plan:
         self.groups: Optional[list] = None  # [(backend, shadows, params, prepared)]; None: staged
         self.key: Optional[list] = None  # the Python check, where there is no snapshot
         self.snapshot = None  # host_path's C++ check, where the extension is loaded
+        self.layout: Optional[Layout] = None  # offloaded shadows: slots and pieces, made once
 
 
 class EMA(AveragedReads):
@@ -84,6 +87,12 @@ class EMA(AveragedReads):
             element, with no extra pass and no host sync; nothing is reported (check the
             model yourself if you need to know).  Not with ``bias_correction`` (refused:
             the one global correction would over-correct the elements that skipped).
+        non_blocking: with ``device="cpu"``: ``update()`` returns once this step's values
+            are captured and averages them in the background (see the README's
+            "Offloading the EMA to the host"); every read, and :meth:`wait`, waits for it.
+        offload_threads: with ``non_blocking=True``: the CPU kernel threads of the
+            background averaging (None: ``torch.get_num_threads() - 1``, at least 1,
+            leaving a core to the training thread).
 
     Every public method may be called from several threads: they serialize, and a call
     refused because another thread is inside :meth:`average_parameters` changes nothing.
@@ -100,7 +109,8 @@ class EMA(AveragedReads):
                  device: Optional[Union[torch.device, str]] = None, backend: str = "auto",
                  bias_correction: bool = False, exclude: Sequence[str] = (),
                  capturable: bool = False, trainable_only: bool = False,
-                 skip_nonfinite: bool = False) -> None:
+                 skip_nonfinite: bool = False, non_blocking: bool = False,
+                 offload_threads: Optional[int] = None) -> None:
         if schedule is None:
             schedule = constant(as_real("EMA: decay", decay))
         elif not callable(schedule):
@@ -159,6 +169,15 @@ class EMA(AveragedReads):
         self._lock = threading.RLock()
         self._inside: Optional[int] = None  # thread inside average_parameters(), if any
         self._swapped = False  # ... on the swap path: the shadows hold the model's weights
+        self.non_blocking = as_flag("EMA: non_blocking", non_blocking)
+        self._offload_threads = (None if offload_threads is None else
+                                 as_int("EMA: offload_threads", offload_threads, 1))
+        self._offload = self._new_offload()
+        self._updating_step = 0  # the step update() is averaging (named by offload errors)
+
+    def _new_offload(self) -> Optional[Offload]:
+        return for_ema(self._device, self.non_blocking, self._offload_threads,
+                       self._device_schedule is not None)
 
     @property
     def decay(self) -> Optional[float]:
@@ -174,11 +193,18 @@ class EMA(AveragedReads):
             return self._device_schedule.num_updates()
         return self._step
 
-    def _guard(self, what: str, reads_shadows: bool = False, owner: str = "EMA") -> None:
+    def _guard(self, what: str, reads_shadows: bool = False, owner: str = "EMA",
+               settle: bool = True) -> None:
         """Refuse ``what`` while a thread is inside :meth:`average_parameters` (before it
         changed anything).  Calls that only read the shadows (``reads_shadows``) are
         refused only while the shadows hold the model's weights (the swap path).
-        ``owner`` names the object the user called (a PostHocEMA guards its profiles)."""
+        ``owner`` names the object the user called (a PostHocEMA guards its profiles).
+        With ``settle`` a pending background update is waited for first (its error is
+        raised); else only one that already ended is reported."""
+        if self._offload is not None and settle:
+            self._offload.wait()
+        elif self._offload is not None:
+            self._offload.poll()
         if self._inside is None or (reads_shadows and not self._swapped):
             return
         where = ("the shadows and the model's weights are swapped" if self._swapped else
@@ -200,11 +226,15 @@ class EMA(AveragedReads):
             state = dict(self.__dict__)
         del state["_lock"]
         state["_plan"] = None
+        state["_offload"] = None  # threads, streams and staging: made again
         return state
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
+        # an EMA pickled before the offload options existed has none of them
+        self.__dict__.update({"non_blocking": False, "_offload_threads": None,
+                              "_updating_step": 0, **state})
         self._lock = threading.RLock()
+        self._offload = self._new_offload()
 
     def _make_shadow(self, entry, t: torch.Tensor, dtype) -> torch.Tensor:
         """A new shadow of model tensor ``t``: of its local shard, laid out like it."""
@@ -234,7 +264,7 @@ class EMA(AveragedReads):
         ``decay = schedule(step - update_after_step)``.  An update that raises (a
         schedule that failed, a changed model) leaves the step where it was.
         """
-        self._guard("update")
+        self._guard("update", settle=False)
         if self._device_schedule is not None:
             self._update_on_device(step)
             return
@@ -257,6 +287,9 @@ class EMA(AveragedReads):
             decay = _validate.check_scalar(
                 "EMA", f"decay from schedule {self.schedule!r} at n={step - self.update_after_step}",
                 self.schedule(step - self.update_after_step))
+        if self._offload is not None:
+            self._offload.wait()  # back-pressure: the previous update is in the shadows
+            self._updating_step = step
         self._average(0.0 if decay == 0.0 else 1.0 - decay, copy=decay == 0.0)
         self._step = step
         self._decay = decay
@@ -285,7 +318,11 @@ class EMA(AveragedReads):
         if copy and skip:
             weight, copy = 1.0, False
         with torch.no_grad():
-            if plan.groups is None:  # some shadows live on another device: staged copies
+            if plan.groups is None and self._offload is not None:  # shadows on the host
+                self._offload.update(plan, self._tracked.entries, weight, copy, skip,
+                                     self._copied_value, self._updating_step,
+                                     self._backend_request)
+            elif plan.groups is None:  # some shadows live on another device: staged copies
                 if copy:
                     copy_across_(plan.ema_s, plan.ema_p, 1.0, self._backend_request)
                 else:
@@ -300,8 +337,9 @@ class EMA(AveragedReads):
                         impl.copy_(shadows, params, 1.0)
                     else:
                         impl.update_(shadows, params, weight, skip)
-            for s, p in zip(plan.copy_s, plan.copy_p):
-                s.copy_(self._copied_value(s, p, active))
+            if plan.groups is not None or self._offload is None:
+                for s, p in zip(plan.copy_s, plan.copy_p):
+                    s.copy_(self._copied_value(s, p, active))
 
     def _copied_value(self, s: torch.Tensor, p: torch.Tensor,
                       active: Optional[torch.Tensor]) -> torch.Tensor:
@@ -339,7 +377,8 @@ class EMA(AveragedReads):
         self._follow_sharding(live)
         self._follow_devices(live)
         plan = _Plan(*self._split(local))
-        if all(s.device == p.device for s, p in zip(plan.ema_s, plan.ema_p)):
+        if not self.non_blocking and all(s.device == p.device for s, p in
+                                         zip(plan.ema_s, plan.ema_p)):
             plan.groups = []
             for dev, (ga, gb) in group_by_device(plan.ema_s, plan.ema_p).items():
                 impl = _backend.select(self._backend_request, dev)
@@ -443,6 +482,21 @@ class EMA(AveragedReads):
         holding :meth:`state_dict`).  It has no parameters or buffers, so the owner's
         ``.to()``/``.half()`` never move or cast the shadows."""
         return EMAStateModule(self)
+
+    def wait(self) -> None:
+        """Block until every pending background update (``non_blocking=True``) is in the
+        shadows; re-raise, naming the step, an error it hit.  Every read waits by itself."""
+        with self._lock:
+            if self._offload is not None:
+                self._offload.wait()
+
+    def _defer_fences(self) -> Deferral:
+        """Offloaded CUDA params: order their capture before the next optimizer step
+        (a stream wait just before any optimizer's step) instead of at the end of each
+        update.  For ``attach`` and the training-loop callbacks; ``remove()`` undoes it."""
+        if self._offload is None:
+            return Deferral()
+        return self._offload.defer_fences()
 
     # ------------------------------------------------------------------ training loops
     def attach(self, optimizer: torch.optim.Optimizer) -> "_hooks.AttachHandle":
