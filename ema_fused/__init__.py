@@ -11,7 +11,7 @@ import sys as _sys
 
 from . import schedules
 from .backends import BackendUnavailableError, available_backends
-from .ema import EMA, ModelChangedError
+from .ema import EMA, BackgroundUpdateError, ModelChangedError, WorkerDiedError
 from .averaging import average_checkpoints
 from .ops import ema_copy_, ema_multi_update_, ema_swap_, ema_update_, ema_weighted_sum_
 from .posthoc import PostHocEMA
@@ -26,5 +26,6 @@ __version__ = "0.1.0"
 __all__ = [
     "EMA", "PostHocEMA", "ema_update_", "ema_copy_", "ema_swap_", "ema_multi_update_",
     "ema_weighted_sum_", "average_checkpoints", "available_backends", "schedules",
-    "BackendUnavailableError", "ModelChangedError", "__version__",
+    "BackendUnavailableError", "ModelChangedError", "BackgroundUpdateError", "WorkerDiedError",
+    "__version__",
 ]

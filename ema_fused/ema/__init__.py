@@ -24,7 +24,9 @@ from . import checkpoint
 from ..checks import ModelChangedError
 from .ema import EMA, serialized
 from .hooks import on_real_step, order_before_steps
+from .offload import BackgroundUpdateError
+from .offload_worker import WorkerDiedError
 from .staging import copy_across_, update_across_
 
-__all__ = ["EMA", "ModelChangedError", "checkpoint", "copy_across_", "update_across_",
-           "on_real_step", "order_before_steps", "serialized"]
+__all__ = ["EMA", "ModelChangedError", "BackgroundUpdateError", "WorkerDiedError", "checkpoint",
+           "copy_across_", "update_across_", "on_real_step", "order_before_steps", "serialized"]
