@@ -14,6 +14,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..checks import multi as _multi_checks
+from ..checks import rounding
 from . import foreach, multi_split
 from .selection import Backend, register_backend
 
@@ -94,7 +96,16 @@ def _split(kind: str, a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]):
     return list(zip(ka, kb)), rest_a, rest_b
 
 
-def update_(shadows, params, weight, skip_nonfinite: bool = False) -> None:
+def _no_kernel(s: torch.Tensor, p: torch.Tensor) -> bool:
+    return False
+
+
+def update_(shadows, params, weight, skip_nonfinite: bool = False,
+            stochastic: Optional[rounding.Stochastic] = None) -> None:
+    if stochastic is not None and weight not in (0.0, 1.0):  # the ends are exact: no rounding
+        foreach.update_stochastic(shadows, params, weight, skip_nonfinite, stochastic,
+                                  _no_kernel, None, update_)
+        return
     ok, rest_s, rest_p = _split("update", shadows, params)
     if isinstance(weight, torch.Tensor):  # graph-safe: the kernel reads it on the device
         _launcher().update(ok, 0.0, weight_ptr=weight, skip_nonfinite=skip_nonfinite)
@@ -115,10 +126,15 @@ class _Prepared:
     """Pairs split once into kernel pairs (with their tables) and fallback pairs."""
 
     def __init__(self, shadows, params) -> None:
+        self.shadows, self.params = list(shadows), list(params)
         ok, self.rest_s, self.rest_p = _split("update", shadows, params)
         self.kernels = _launcher().Prepared(ok)
 
-    def update_(self, weight, skip_nonfinite: bool = False) -> None:
+    def update_(self, weight, skip_nonfinite: bool = False,
+                stochastic: Optional[rounding.Stochastic] = None) -> None:
+        if stochastic is not None and weight not in (0.0, 1.0):
+            update_(self.shadows, self.params, weight, skip_nonfinite, stochastic)
+            return
         self.kernels.update_(weight, skip_nonfinite)
         if self.rest_s:
             foreach.update_unchecked(self.rest_s, self.rest_p, weight, skip_nonfinite)
@@ -145,10 +161,16 @@ def swap_(a, b) -> None:
         foreach.swap_unchecked(rest_a, rest_b)
 
 
-def multi_update_(shadows, params, weights) -> None:
+def multi_update_(shadows, params, weights,
+                  stochastic: Optional[rounding.MultiStochastic] = None) -> None:
     """Params the kernels take in every profile: one multi-shadow launch (each param
     read once; ``ema_fused.triton_kernels.multi_update``); the other pairs where
     :func:`update_` would send them, so every shadow gets its bits."""
+    if stochastic is not None:
+        _multi_checks.check_no_overlap([list(p) for p in shadows], params)
+        for k, (profile, weight) in enumerate(zip(shadows, weights)):
+            update_(profile, params, weight, False, stochastic.profile(k))
+        return
     from ..triton_kernels import multi_update as multi
     plan = multi_split.split(shadows, params, _launcher().supported)
     if plan.columns:

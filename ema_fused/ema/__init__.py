@@ -11,6 +11,7 @@ through the op layer (``ema_fused.ops``).
     staging.py        updates and copies across devices (shadows on another device), in pieces
     as_module.py      EMA.as_module(): an nn.Module face carrying the EMA as extra state
     hooks.py          optimizer step hooks (EMA.attach and the training-loop integrations)
+    rounding.py       rounding="stochastic": its checks, the seed, each update's counter words
 
 Exported for the layers above (posthoc/, averaging/, integrations/, migrate.py): the class,
 the checkpoint format, cross-device staging and the real-step hook.
@@ -19,7 +20,8 @@ from . import checkpoint
 from ..checks import ModelChangedError
 from .ema import EMA
 from .hooks import on_real_step
+from .rounding import draw_seed
 from .staging import copy_across_, update_across_
 
 __all__ = ["EMA", "ModelChangedError", "checkpoint", "copy_across_", "update_across_",
-           "on_real_step"]
+           "on_real_step", "draw_seed"]

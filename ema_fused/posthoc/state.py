@@ -35,6 +35,7 @@ def _check_profile(ema, state: object, strict: bool) -> None:
     if state.get("version") != _checkpoint.VERSION:
         raise ValueError(f"version {state.get('version')} is not supported")
     _checkpoint.counters_of(state)
+    _checkpoint.seed_after_load(ema, state)
     if state["bias_correction"] != ema.bias_correction:
         raise ValueError(f"bias_correction={state['bias_correction']}, this EMA "
                          f"{ema.bias_correction}")
