@@ -1,23 +1,26 @@
 // The stochastic update's CPU loops with explicit AVX-512 / AVX2 intrinsics: included by
 // cpu_stochastic_avx512.cpp and cpu_stochastic_avx2.cpp, which compile everything after
 // their `#pragma GCC target` for that instruction set (EMA_FUSED_SR_AVX512 / _AVX2 picks
-// the traits below).  cpu_stochastic.cpp calls them only where the CPU has the set.
+// the traits below).  cpu_stochastic_loops.cpp calls them only where the CPU has the set.
 //
-// Why intrinsics: the work per element is the update itself (~1 vector op) plus an
-// eighth of a Philox4x32-10 draw (10 rounds of two 32x32 -> 64-bit products), ~1 more.
-// GCC vectorised neither the draws (it used 64-bit vpmullq, or scalar code) nor their
-// transposition into element order well: 1.0-2.1 ns per element on one core of the
-// 2-core EPYC VM, against 0.38 ns with this code (in cache; the fp32-shadow update of
-// the same bf16 params: 0.07 ns in cache, 0.29 ns streaming from memory).
+// Why intrinsics: the work per element is the update itself plus an eighth of a
+// Philox4x32-10 draw (10 rounds of two 32x32 -> 64-bit products).  GCC vectorised
+// neither the draws (it used 64-bit vpmullq, or scalar code) nor their transposition into
+// element order well: 1.0-2.1 ns per element on one core of the 2-core EPYC VM.
 //
-// Layout: Philox runs one draw per 64-bit lane (its words in the low halves: vpmuludq
+// Layout.  Philox runs one draw per 64-bit lane (its words in the low halves: vpmuludq
 // multiplies exactly those, and the `hi` word is the product's high half after one
 // shift; the high halves carry garbage that is never read), 8 draws per AVX-512
-// register, 4 per AVX2 one.  The four words of each draw are then transposed into
-// element order (draw g's 128 bits are the 16-bit random numbers of elements 8g .. 8g + 7,
-// low half first), and each vector of W elements takes a widened slice of them.  Every
-// result is bit for bit what the scalar loop (stochastic.h's round_bf16 / round_f16)
-// gives; the tests run all three on the same data.
+// register, 4 per AVX2 one, the key schedule broadcast from memory.  The four words of
+// each draw are then transposed into element order: word i of a register holds the
+// random numbers of elements 2i (low half) and 2i + 1 (high half) of 2W elements.  The
+// elements are taken the same way, in even/odd lanes: a register of 2W 16-bit values
+// splits into the even elements (x << 16 for bf16) and the odd ones (x & 0xffff0000)
+// with one op each, and the results join with one shift and one or; fp32 params are
+// deinterleaved with one permute per half.  So no widening or narrowing shuffles.
+// The rounding takes a fast path where every lane is ordinary (bf16: finite and at most
+// the largest bf16; fp16: a normal result) and the full rule of stochastic.h otherwise.
+// Every result is bit for bit the scalar loop's; the tests run all three on the same data.
 #pragma once
 
 #include <immintrin.h>
@@ -36,6 +39,20 @@ struct TagF32 { static constexpr int64_t size = 4; };
 struct TagBF16 { static constexpr int64_t size = 2; };
 struct TagF16 { static constexpr int64_t size = 2; };
 
+// A span's key schedule, round by round, broadcast once per span (the rounds then read
+// them as memory operands: no broadcast per draw).
+template <typename I, I (*kBroadcast)(uint64_t)>
+struct Keys {
+  I k0[sr::kRounds], k1[sr::kRounds];
+  explicit Keys(const sr::Stream& st) {
+    uint32_t a = st.k0, b = st.k1;
+    for (int r = 0; r < sr::kRounds; ++r, a += sr::kKeyA, b += sr::kKeyB) {
+      k0[r] = kBroadcast(a);
+      k1[r] = kBroadcast(b);
+    }
+  }
+};
+
 #if defined(EMA_FUSED_SR_AVX512)
 // ------------------------------------------------------------------ AVX-512, 16 lanes
 struct Avx512 {
@@ -43,65 +60,84 @@ struct Avx512 {
   using F = __m512;
   using I = __m512i;
 
-  // Draws for groups g .. g + 7: out[0] holds groups g .. g + 3 (elements 8g .. 8g + 31
-  // as 32 16-bit numbers), out[1] groups g + 4 .. g + 7.
-  static EMA_SIMD_INLINE void draws(uint32_t g, const sr::Stream& st, I (&out)[2]) {
-    I c0 = _mm512_add_epi64(_mm512_set1_epi64(g), _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7));
-    I c1 = _mm512_set1_epi64(st.position), c2 = _mm512_set1_epi64(st.off_lo);
-    I c3 = _mm512_set1_epi64(st.off_hi);
+  static EMA_SIMD_INLINE I c(uint32_t v) { return _mm512_set1_epi32(int(v)); }
+  static I broadcast64(uint64_t v) { return _mm512_set1_epi64(static_cast<int64_t>(v)); }
+  using Keys = ema_fused::Keys<I, broadcast64>;
+
+  // Draws for groups g .. g + 15, as two independent chains of rounds (one chain's
+  // latency, 10 dependent products, would leave the core idle): out[k] holds the words of
+  // groups g + 4k .. g + 4k + 3 (elements 8g + 32k .. 8g + 32k + 31).
+  static EMA_SIMD_INLINE void draws(uint32_t g, const sr::Stream& st, const Keys& keys,
+                                    I (&out)[4]) {
+    const I iota = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
+    I a0 = _mm512_add_epi64(_mm512_set1_epi64(g), iota);
+    I b0 = _mm512_add_epi64(_mm512_set1_epi64(g + 8u), iota);
+    I a1 = _mm512_set1_epi64(st.position), a2 = _mm512_set1_epi64(st.off_lo);
+    I a3 = _mm512_set1_epi64(st.off_hi);
+    I b1 = a1, b2 = a2, b3 = a3;
     const I ma = _mm512_set1_epi64(sr::kMulA), mb = _mm512_set1_epi64(sr::kMulB);
-    uint32_t k0 = st.k0, k1 = st.k1;
 #pragma GCC unroll 10
     for (int r = 0; r < sr::kRounds; ++r) {
-      const I pb = _mm512_mul_epu32(c2, mb), pa = _mm512_mul_epu32(c0, ma);
-      // hi ^ c ^ k (0x96: three-way xor); the high halves carry garbage, never read
-      c0 = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pb, 32), c1, _mm512_set1_epi64(k0), 0x96);
-      c2 = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pa, 32), c3, _mm512_set1_epi64(k1), 0x96);
-      c1 = pb;
-      c3 = pa;
-      k0 += sr::kKeyA;
-      k1 += sr::kKeyB;
+      const I pa_b = _mm512_mul_epu32(a2, mb), pa_a = _mm512_mul_epu32(a0, ma);
+      const I pb_b = _mm512_mul_epu32(b2, mb), pb_a = _mm512_mul_epu32(b0, ma);
+      // hi ^ c ^ k (0x96: three-way xor)
+      a0 = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pa_b, 32), a1, keys.k0[r], 0x96);
+      a2 = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pa_a, 32), a3, keys.k1[r], 0x96);
+      b0 = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pb_b, 32), b1, keys.k0[r], 0x96);
+      b2 = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pb_a, 32), b3, keys.k1[r], 0x96);
+      a1 = pa_b;
+      a3 = pa_a;
+      b1 = pb_b;
+      b3 = pb_a;
     }
+    transpose(a0, a1, a2, a3, out[0], out[1]);
+    transpose(b0, b1, b2, b3, out[2], out[3]);
+  }
+  // Eight draws' words (one draw per 64-bit lane, words in the low halves) into element
+  // order: lo gets draws 0 .. 3, hi draws 4 .. 7, four words each.
+  static EMA_SIMD_INLINE void transpose(const I& c0, const I& c1, const I& c2, const I& c3,
+                                        I& lo, I& hi) {
     const I w01 = _mm512_mask_blend_epi32(0xAAAA, c0, _mm512_slli_epi64(c1, 32));
     const I w23 = _mm512_mask_blend_epi32(0xAAAA, c2, _mm512_slli_epi64(c3, 32));
-    const I even = _mm512_unpacklo_epi64(w01, w23);  // groups g, g+2, g+4, g+6
-    const I odd = _mm512_unpackhi_epi64(w01, w23);   // groups g+1, g+3, g+5, g+7
-    out[0] = _mm512_permutex2var_epi64(even, _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), odd);
-    out[1] = _mm512_permutex2var_epi64(even, _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15), odd);
+    const I even = _mm512_unpacklo_epi64(w01, w23);  // draws 0, 2, 4, 6
+    const I odd = _mm512_unpackhi_epi64(w01, w23);   // draws 1, 3, 5, 7
+    lo = _mm512_permutex2var_epi64(even, _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), odd);
+    hi = _mm512_permutex2var_epi64(even, _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15), odd);
   }
-  // The 16-bit numbers h * 16 .. h * 16 + 15 of `words`, one per 32-bit lane.
-  static EMA_SIMD_INLINE I widen(const I& words, int h) {
-    return _mm512_cvtepu16_epi32(h == 0 ? _mm512_castsi512_si256(words)
-                                        : _mm512_extracti64x4_epi64(words, 1));
+  static EMA_SIMD_INLINE I load_raw(const void* p) { return _mm512_loadu_si512(p); }
+  // 2W elements at p as floats: the even ones and the odd ones
+  static EMA_SIMD_INLINE void load2(TagBF16, const void* p, F& even, F& odd) {
+    const I x = load_raw(p);
+    even = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+    odd = _mm512_castsi512_ps(_mm512_and_si512(x, c(0xffff0000u)));
   }
-  // A 16-bit format's raw bits, widened to 32-bit lanes.
-  static EMA_SIMD_INLINE I raw16(const void* p) {
-    return _mm512_cvtepu16_epi32(_mm256_loadu_si256(static_cast<const __m256i*>(p)));
+  static EMA_SIMD_INLINE void load2(TagF16, const void* p, F& even, F& odd) {
+    const I x = load_raw(p);  // vpmovdw keeps each lane's low 16 bits; fp16 -> fp32 is exact
+    even = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(x));
+    odd = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(x, 16)));
   }
-  static EMA_SIMD_INLINE F to_float(TagBF16, const I& raw) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
+  static EMA_SIMD_INLINE void load2(TagF32, const void* p, F& even, F& odd) {
+    const F lo = _mm512_loadu_ps(p), hi = _mm512_loadu_ps(static_cast<const float*>(p) + W);
+    const I idx = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    even = _mm512_permutex2var_ps(lo, idx, hi);
+    odd = _mm512_permutex2var_ps(lo, _mm512_add_epi32(idx, c(1)), hi);
   }
-  static EMA_SIMD_INLINE F to_float(TagF16, const I& raw) {
-    return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(raw));  // exact
-  }
-  static EMA_SIMD_INLINE F load(TagF32, const void* p) {
-    return _mm512_loadu_ps(p);
-  }
-  template <typename Tag>
-  static EMA_SIMD_INLINE F load(Tag tag, const void* p) {
-    return to_float(tag, raw16(p));
-  }
-  static EMA_SIMD_INLINE void store16(void* p, const I& bits) {
-    _mm256_storeu_si256(static_cast<__m256i*>(p), _mm512_cvtepi32_epi16(bits));
+  // 16-bit results in the low halves of the even and the odd lanes, stored as 2W values
+  static EMA_SIMD_INLINE void store2(void* p, const I& even, const I& odd) {
+    _mm512_storeu_si512(p, _mm512_or_si512(even, _mm512_slli_epi32(odd, 16)));
   }
   static EMA_SIMD_INLINE I bits(const F& x) { return _mm512_castps_si512(x); }
-  static EMA_SIMD_INLINE I c(uint32_t v) { return _mm512_set1_epi32(int(v)); }
   // where (a > b, both < 2^31 as integers) take x, else y
   static EMA_SIMD_INLINE I if_gt(const I& a, uint32_t b, const I& x, const I& y) {
     return _mm512_mask_blend_epi32(_mm512_cmpgt_epi32_mask(a, c(b)), y, x);
   }
   static EMA_SIMD_INLINE I if_ne0(const I& a, const I& x, const I& y) {
     return _mm512_mask_blend_epi32(_mm512_test_epi32_mask(a, a), y, x);
+  }
+  // whether any lane of x or y, as unsigned numbers, is above `limit`
+  static EMA_SIMD_INLINE bool any_above(const I& x, const I& y, uint32_t limit) {
+    return !_kortestz_mask16_u8(_mm512_cmpgt_epu32_mask(x, c(limit)),
+                                _mm512_cmpgt_epu32_mask(y, c(limit)));
   }
   static EMA_SIMD_INLINE I add(const I& a, const I& b) { return _mm512_add_epi32(a, b); }
   static EMA_SIMD_INLINE I sub(const I& a, const I& b) { return _mm512_sub_epi32(a, b); }
@@ -124,64 +160,88 @@ struct Avx2 {
   using F = __m256;
   using I = __m256i;
 
-  // Draws for groups g .. g + 3: out[0] holds groups g, g + 1, out[1] groups g + 2, g + 3.
-  static EMA_SIMD_INLINE void draws(uint32_t g, const sr::Stream& st, I (&out)[2]) {
-    I c0 = _mm256_add_epi64(_mm256_set1_epi64x(g), _mm256_setr_epi64x(0, 1, 2, 3));
-    I c1 = _mm256_set1_epi64x(st.position), c2 = _mm256_set1_epi64x(st.off_lo);
-    I c3 = _mm256_set1_epi64x(st.off_hi);
+  static EMA_SIMD_INLINE I c(uint32_t v) { return _mm256_set1_epi32(int(v)); }
+  static I broadcast64(uint64_t v) { return _mm256_set1_epi64x(static_cast<int64_t>(v)); }
+  using Keys = ema_fused::Keys<I, broadcast64>;
+
+  // Draws for groups g .. g + 7 as two independent chains: out[k] holds groups g + 2k,
+  // g + 2k + 1 (see Avx512::draws).
+  static EMA_SIMD_INLINE void draws(uint32_t g, const sr::Stream& st, const Keys& keys,
+                                    I (&out)[4]) {
+    const I iota = _mm256_setr_epi64x(0, 1, 2, 3);
+    I a0 = _mm256_add_epi64(_mm256_set1_epi64x(g), iota);
+    I b0 = _mm256_add_epi64(_mm256_set1_epi64x(g + 4u), iota);
+    I a1 = _mm256_set1_epi64x(st.position), a2 = _mm256_set1_epi64x(st.off_lo);
+    I a3 = _mm256_set1_epi64x(st.off_hi);
+    I b1 = a1, b2 = a2, b3 = a3;
     const I ma = _mm256_set1_epi64x(sr::kMulA), mb = _mm256_set1_epi64x(sr::kMulB);
-    uint32_t k0 = st.k0, k1 = st.k1;
 #pragma GCC unroll 10
     for (int r = 0; r < sr::kRounds; ++r) {
-      const I pb = _mm256_mul_epu32(c2, mb), pa = _mm256_mul_epu32(c0, ma);
-      c0 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(pb, 32), c1), _mm256_set1_epi64x(k0));
-      c2 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(pa, 32), c3), _mm256_set1_epi64x(k1));
-      c1 = pb;
-      c3 = pa;
-      k0 += sr::kKeyA;
-      k1 += sr::kKeyB;
+      const I pa_b = _mm256_mul_epu32(a2, mb), pa_a = _mm256_mul_epu32(a0, ma);
+      const I pb_b = _mm256_mul_epu32(b2, mb), pb_a = _mm256_mul_epu32(b0, ma);
+      a0 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(pa_b, 32), a1), keys.k0[r]);
+      a2 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(pa_a, 32), a3), keys.k1[r]);
+      b0 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(pb_b, 32), b1), keys.k0[r]);
+      b2 = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(pb_a, 32), b3), keys.k1[r]);
+      a1 = pa_b;
+      a3 = pa_a;
+      b1 = pb_b;
+      b3 = pb_a;
     }
+    transpose(a0, a1, a2, a3, out[0], out[1]);
+    transpose(b0, b1, b2, b3, out[2], out[3]);
+  }
+  // Four draws' words into element order: lo gets draws 0, 1, hi draws 2, 3.
+  static EMA_SIMD_INLINE void transpose(const I& c0, const I& c1, const I& c2, const I& c3,
+                                        I& lo, I& hi) {
     const I w01 = _mm256_blend_epi32(c0, _mm256_slli_epi64(c1, 32), 0xAA);
     const I w23 = _mm256_blend_epi32(c2, _mm256_slli_epi64(c3, 32), 0xAA);
-    const I even = _mm256_unpacklo_epi64(w01, w23);  // groups g, g + 2
-    const I odd = _mm256_unpackhi_epi64(w01, w23);   // groups g + 1, g + 3
-    out[0] = _mm256_permute2x128_si256(even, odd, 0x20);
-    out[1] = _mm256_permute2x128_si256(even, odd, 0x31);
+    const I even = _mm256_unpacklo_epi64(w01, w23);  // draws 0, 2
+    const I odd = _mm256_unpackhi_epi64(w01, w23);   // draws 1, 3
+    lo = _mm256_permute2x128_si256(even, odd, 0x20);
+    hi = _mm256_permute2x128_si256(even, odd, 0x31);
   }
-  static EMA_SIMD_INLINE I widen(const I& words, int h) {
-    return _mm256_cvtepu16_epi32(h == 0 ? _mm256_castsi256_si128(words)
-                                        : _mm256_extracti128_si256(words, 1));
+  static EMA_SIMD_INLINE I load_raw(const void* p) {
+    return _mm256_loadu_si256(static_cast<const __m256i*>(p));
   }
-  static EMA_SIMD_INLINE I raw16(const void* p) {
-    return _mm256_cvtepu16_epi32(_mm_loadu_si128(static_cast<const __m128i*>(p)));
+  static EMA_SIMD_INLINE __m128i narrow(const I& x) {  // lanes < 2^16 -> 8 packed 16-bit
+    return _mm256_castsi256_si128(
+        _mm256_permute4x64_epi64(_mm256_packus_epi32(x, _mm256_setzero_si256()), 0x08));
   }
-  static EMA_SIMD_INLINE __m128i narrow(const I& bits) {  // low 16 bits of each lane
-    const I packed = _mm256_packus_epi32(_mm256_and_si256(bits, c(0xffffu)), _mm256_setzero_si256());
-    return _mm256_castsi256_si128(_mm256_permute4x64_epi64(packed, 0x08));
+  static EMA_SIMD_INLINE void load2(TagBF16, const void* p, F& even, F& odd) {
+    const I x = load_raw(p);
+    even = _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
+    odd = _mm256_castsi256_ps(_mm256_and_si256(x, c(0xffff0000u)));
   }
-  static EMA_SIMD_INLINE F to_float(TagBF16, const I& raw) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));
+  static EMA_SIMD_INLINE void load2(TagF16, const void* p, F& even, F& odd) {
+    const I x = load_raw(p);  // fp16 -> fp32 is exact
+    even = _mm256_cvtph_ps(narrow(_mm256_and_si256(x, c(0xffffu))));
+    odd = _mm256_cvtph_ps(narrow(_mm256_srli_epi32(x, 16)));
   }
-  static EMA_SIMD_INLINE F to_float(TagF16, const I& raw) {
-    return _mm256_cvtph_ps(narrow(raw));  // exact
+  static EMA_SIMD_INLINE void load2(TagF32, const void* p, F& even, F& odd) {
+    const F lo = _mm256_loadu_ps(static_cast<const float*>(p));
+    const F hi = _mm256_loadu_ps(static_cast<const float*>(p) + W);
+    // in-lane shuffles give elements 0 2 8 10 4 6 12 14; the 64-bit permute orders them
+    even = _mm256_castpd_ps(_mm256_permute4x64_pd(
+        _mm256_castps_pd(_mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(2, 0, 2, 0))), 0xD8));
+    odd = _mm256_castpd_ps(_mm256_permute4x64_pd(
+        _mm256_castps_pd(_mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(3, 1, 3, 1))), 0xD8));
   }
-  static EMA_SIMD_INLINE F load(TagF32, const void* p) {
-    return _mm256_loadu_ps(static_cast<const float*>(p));
-  }
-  template <typename Tag>
-  static EMA_SIMD_INLINE F load(Tag tag, const void* p) {
-    return to_float(tag, raw16(p));
-  }
-  static EMA_SIMD_INLINE void store16(void* p, const I& bits) {
-    _mm_storeu_si128(static_cast<__m128i*>(p), narrow(bits));
+  static EMA_SIMD_INLINE void store2(void* p, const I& even, const I& odd) {
+    _mm256_storeu_si256(static_cast<__m256i*>(p), _mm256_or_si256(even, _mm256_slli_epi32(odd, 16)));
   }
   static EMA_SIMD_INLINE I bits(const F& x) { return _mm256_castps_si256(x); }
-  static EMA_SIMD_INLINE I c(uint32_t v) { return _mm256_set1_epi32(int(v)); }
   static EMA_SIMD_INLINE I if_gt(const I& a, uint32_t b, const I& x, const I& y) {
     return _mm256_blendv_epi8(y, x, _mm256_cmpgt_epi32(a, c(b)));
   }
   static EMA_SIMD_INLINE I if_ne0(const I& a, const I& x, const I& y) {
     return _mm256_blendv_epi8(x, y, _mm256_cmpeq_epi32(a, _mm256_setzero_si256()));
+  }
+  static EMA_SIMD_INLINE bool any_above(const I& x, const I& y, uint32_t limit) {
+    const I top = c(limit);  // unsigned: max(v, limit) != limit where v > limit
+    const I above = _mm256_or_si256(_mm256_xor_si256(_mm256_max_epu32(x, top), top),
+                                    _mm256_xor_si256(_mm256_max_epu32(y, top), top));
+    return !_mm256_testz_si256(above, above);
   }
   static EMA_SIMD_INLINE I add(const I& a, const I& b) { return _mm256_add_epi32(a, b); }
   static EMA_SIMD_INLINE I sub(const I& a, const I& b) { return _mm256_sub_epi32(a, b); }
@@ -195,12 +255,10 @@ struct Avx2 {
   static EMA_SIMD_INLINE F fmul(const F& a, const F& b) { return _mm256_mul_ps(a, b); }
   static EMA_SIMD_INLINE F fset(float v) { return _mm256_set1_ps(v); }
 };
-
 #endif
 
-
-// The rounding of stochastic.h's round_bf16 / round_f16, W lanes at a time (the tests
-// check every lane against them, specials included).
+// The full rule of stochastic.h's round_bf16 / round_f16, W lanes at a time: the 16-bit
+// result in each lane's low half (the tests check every lane against the scalar rule).
 template <typename V>
 EMA_SIMD_INLINE typename V::I round_lanes(TagBF16, const typename V::F& x, const typename V::I& r) {
   using I = typename V::I;
@@ -216,38 +274,82 @@ EMA_SIMD_INLINE typename V::I round_lanes(TagF16, const typename V::F& x, const 
   const I normal = V::shr(V::add(V::sub(a, V::c(0x38000000u)), V::shr(r, 3)), 13);
   const I e = V::shr(a, 23);
   const I m = V::bor(V::band(a, V::c(0x7fffffu)), V::if_ne0(e, V::c(0x800000u), V::c(0u)));
-  // (m << 8) >> (126 - e - 8): shift counts of 32 and more give 0, as round_f16 has it
-  const I shift = V::sub(V::c(118u), V::if_ne0(e, e, V::c(1u)));
-  const I sub = V::shr(V::add(V::shrv(V::shl(m, 8), shift), r), 16);
+  // (m << 8) >> (126 - max(e, 1) - 8): counts of 32 and more give 0, as round_f16 has it
+  const I count = V::sub(V::c(118u), V::if_ne0(e, e, V::c(1u)));
+  const I sub = V::shr(V::add(V::shrv(V::shl(m, 8), count), r), 16);
   I out = V::if_gt(a, 0x387fffffu, normal, sub);
   out = V::if_gt(a, 0x477fe000u, V::if_gt(a, 0x477fefffu, V::c(0x7c00u), V::c(0x7bffu)), out);
   out = V::if_gt(a, 0x7f800000u, V::c(0x7e00u), out);  // NaN
   return V::bor(out, V::band(V::shr(u, 16), V::c(0x8000u)));
 }
 
-// Elements [begin, end) of a span: first + begin a multiple of 8, end - begin of 4 * W.
-// Per draw call: 4 vectors of W elements, each with a quarter of the draws' bits.
+// Both halves of a step: the fast path where every lane is ordinary, else the full rule.
+template <typename V>
+EMA_SIMD_INLINE void round2(TagBF16, const typename V::F& xe, const typename V::F& xo,
+                            const typename V::I& re, const typename V::I& ro,
+                            typename V::I& oe, typename V::I& oo) {
+  const auto ue = V::bits(xe), uo = V::bits(xo);
+  const auto mask = V::c(0x7fffffffu);
+  if (V::any_above(V::band(ue, mask), V::band(uo, mask), 0x7f7f0000u)) {
+    oe = round_lanes<V>(TagBF16(), xe, re);
+    oo = round_lanes<V>(TagBF16(), xo, ro);
+    return;
+  }
+  oe = V::shr(V::add(ue, re), 16);  // carry: up one ulp
+  oo = V::shr(V::add(uo, ro), 16);
+}
+
+template <typename V>
+EMA_SIMD_INLINE void round2(TagF16, const typename V::F& xe, const typename V::F& xo,
+                            const typename V::I& re, const typename V::I& ro,
+                            typename V::I& oe, typename V::I& oo) {
+  const auto ue = V::bits(xe), uo = V::bits(xo);
+  const auto mask = V::c(0x7fffffffu), bias = V::c(0x38000000u);
+  const auto ae = V::band(ue, mask), ao = V::band(uo, mask);
+  // normal results only: |x| in [2^-14, 65504]
+  if (V::any_above(V::sub(ae, V::c(0x38800000u)), V::sub(ao, V::c(0x38800000u)),
+                   0x477fe000u - 0x38800000u)) {
+    oe = round_lanes<V>(TagF16(), xe, re);
+    oo = round_lanes<V>(TagF16(), xo, ro);
+    return;
+  }
+  const auto sign = V::c(0x8000u);
+  oe = V::bor(V::shr(V::add(V::sub(ae, bias), V::shr(re, 3)), 13), V::band(V::shr(ue, 16), sign));
+  oo = V::bor(V::shr(V::add(V::sub(ao, bias), V::shr(ro, 3)), 13), V::band(V::shr(uo, 16), sign));
+}
+
+// Elements [begin, end) of a span: first + begin a multiple of 8, end - begin of 8 * W.
+// Per draw call: four steps of 2W elements, each with one register of the draws' words.
 template <typename V, typename S, typename P, bool kFinite>
 void simd_body(const SrSpan& sp, int64_t begin, int64_t end) {
   using F = typename V::F;
   using I = typename V::I;
-  auto* s = static_cast<uint16_t*>(sp.s);
+  char* s = static_cast<char*>(sp.s);
   const char* p = static_cast<const char*>(sp.p);
+  const typename V::Keys keys(sp.st);
   const F w = V::fset(sp.w), v = V::fset(1.0f - sp.w);
   const bool low = sp.w < 0.5f;
-  for (int64_t i = begin; i < end; i += 4 * V::W) {
-    I words[2];
-    V::draws(static_cast<uint32_t>((sp.first + static_cast<uint64_t>(i)) >> 3), sp.st, words);
+  for (int64_t i = begin; i < end; i += 8 * V::W) {
+    I words[4];
+    V::draws(static_cast<uint32_t>((sp.first + static_cast<uint64_t>(i)) >> 3), sp.st, keys,
+             words);
 #pragma GCC unroll 4
     for (int q = 0; q < 4; ++q) {
-      const int64_t j = i + q * V::W;
-      const I raw = V::raw16(s + j);
-      const F a = V::to_float(S(), raw), b = V::load(P(), p + j * P::size);
-      const F d = V::fsub(b, a);
-      const F x = low ? V::fadd(a, V::fmul(w, d)) : V::fsub(b, V::fmul(v, d));
-      I out = round_lanes<V>(S(), x, V::widen(words[q >> 1], q & 1));
-      if (kFinite) out = V::if_gt(V::band(V::bits(b), V::c(0x7fffffffu)), 0x7f7fffffu, raw, out);
-      V::store16(s + j, out);
+      const int64_t j = i + 2 * V::W * q;
+      F ae, ao, be, bo;
+      V::load2(S(), s + j * S::size, ae, ao);
+      V::load2(P(), p + j * P::size, be, bo);
+      const F de = V::fsub(be, ae), d_o = V::fsub(bo, ao);
+      const F xe = low ? V::fadd(ae, V::fmul(w, de)) : V::fsub(be, V::fmul(v, de));
+      const F xo = low ? V::fadd(ao, V::fmul(w, d_o)) : V::fsub(bo, V::fmul(v, d_o));
+      I oe, oo;
+      round2<V>(S(), xe, xo, V::band(words[q], V::c(0xffffu)), V::shr(words[q], 16), oe, oo);
+      if (kFinite) {  // keep the shadow's bits where the param is NaN or +-Inf
+        const I raw = V::load_raw(s + j * S::size), abs = V::c(0x7fffffffu);
+        oe = V::if_gt(V::band(V::bits(be), abs), 0x7f7fffffu, V::band(raw, V::c(0xffffu)), oe);
+        oo = V::if_gt(V::band(V::bits(bo), abs), 0x7f7fffffu, V::shr(raw, 16), oo);
+      }
+      V::store2(s + j * S::size, oe, oo);
     }
   }
 }
@@ -266,7 +368,7 @@ SrBody body_row(int code_p, bool finite) {
 template <typename V>
 SrSimd simd_for(int code_s, int code_p, bool finite) {
   return {code_s == 1 ? body_row<V, TagBF16>(code_p, finite) : body_row<V, TagF16>(code_p, finite),
-          4 * V::W};
+          8 * V::W};
 }
 
 #undef EMA_SIMD_INLINE
