@@ -20,6 +20,15 @@
 #include "cpu_ranges.h"
 
 namespace ema_fused {
+
+// This thread's cap on the participants of run() (0: none, at::get_num_threads()): the
+// offload worker's thread count, set on that thread only (cpu_offload.cpp).  An inline
+// function's static is one object across the library's translation units.
+inline int& thread_cap() {
+  static thread_local int cap = 0;
+  return cap;
+}
+
 namespace {
 
 // Work is cut into chunks of at most 64K elements (256-768 KB of traffic, ~10-20 us)
@@ -66,7 +75,8 @@ void run(std::vector<Chunk> chunks, float scalar) {
     int64_t elements = 0;
     for (const Chunk& c : job->chunks) elements += c.n;
     const size_t worth = static_cast<size_t>(std::max<int64_t>(elements / kChunk, 1));
-    job->parts = std::min({static_cast<size_t>(std::max(at::get_num_threads(), 1)), total, worth});
+    const int threads = thread_cap() > 0 ? thread_cap() : at::get_num_threads();
+    job->parts = std::min({static_cast<size_t>(std::max(threads, 1)), total, worth});
   }
   job->next.reset(new std::atomic<size_t>[job->parts]);
   for (size_t r = 0; r < job->parts; ++r) job->next[r] = total * r / job->parts;

@@ -6,10 +6,12 @@ The CUDA kernels are built when a CUDA toolkit (``CUDA_HOME``/nvcc) and a CUDA b
 of torch are present; ``TORCH_CUDA_ARCH_LIST`` picks the GPU arches (default: the
 visible GPUs, or 8.0, 9.0 and the newest the toolkit knows when none is visible).
 
-``python -m ema_fused average A.pt B.pt C.pt [--weights ...] [--key model] [--no-strict]
-[--dtype float32] --out avg.pt``: the weighted average of checkpoints
-(:func:`ema_fused.average_checkpoints`), one source in memory at a time, a progress line
-per source on stderr.  Every command takes ``--help``.
+``python -m ema_fused average CKPT_1 CKPT_2 ... [--weights ...] [--key model] [--no-strict]
+[--dtype float32] --out avg.safetensors``: the weighted average of checkpoints
+(:func:`ema_fused.average_checkpoints`; DCP checkpoint directories, torch.save files,
+safetensors files), streamed tensor by tensor into a safetensors file or a DCP directory
+(``--out DIR/``), or saved with torch.save (``--out avg.pt``), with a progress bar over
+tensors and bytes on stderr.  Every command takes ``--help``.
 """
 from __future__ import annotations
 
@@ -78,28 +80,42 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _out_format(out: str, asked: str) -> str:
+    if asked != "auto":
+        return asked
+    if out.endswith(".safetensors"):
+        return "safetensors"
+    return "dcp" if out.endswith(("/", os.sep)) or os.path.isdir(out) else "torch"
+
+
 def _average(args: argparse.Namespace) -> int:
+    from .averaging import ProgressBar
     from .averaging import average_with_progress as average
 
-    total = len(args.sources)
-
-    def progress(i: int, source, tensors: int, nbytes: int, seconds: float) -> None:
-        print(f"ema_fused average: [{i + 1}/{total}] {source}: {tensors} tensors, "
-              f"{nbytes / 2**20:.1f} MiB in {seconds:.2f} s", file=sys.stderr, flush=True)
-
+    bar = ProgressBar("ema_fused average")
+    fmt = _out_format(args.out, args.format)
+    out = args.out.rstrip("/" + os.sep) or args.out
     try:
+        if fmt == "safetensors" and not out.endswith(".safetensors"):
+            raise ValueError(f"--format safetensors: the output's name must end in "
+                             f".safetensors, got {out!r}")
         result = average(args.sources, args.weights, key=args.key, strict=args.strict,
                          dtype=getattr(torch, args.dtype), map_location=args.map_location,
-                         on_source=progress)
-        # a partial file never takes the output's name: write aside, then rename
-        tmp = f"{args.out}.tmp{os.getpid()}"
-        torch.save(result, tmp)
-        os.replace(tmp, args.out)
-    except (OSError, ValueError, TypeError, KeyError, RuntimeError) as exc:
+                         out=None if fmt == "torch" else out, on_tensor=bar)
+        if fmt == "torch":
+            # a partial file never takes the output's name: write aside, then rename
+            tmp = f"{out}.tmp{os.getpid()}"
+            torch.save(result, tmp)
+            os.replace(tmp, out)
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError, ImportError) as exc:
         text = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"ema_fused average: {type(exc).__name__}: {text}", file=sys.stderr)
         return 1
-    print(f"ema_fused average: wrote {len(result)} tensors to {args.out}", file=sys.stderr)
+    what = {"torch": "torch.save file", "safetensors": "safetensors file",
+            "dcp": "DCP checkpoint"}[fmt]
+    print(f"ema_fused average: wrote {bar.tensors} tensors to {out} ({what}); read "
+          f"{bar.bytes / 2**30:.2f} GiB in {bar.seconds():.1f} s ({bar.rate():.2f} GiB/s)",
+          file=sys.stderr)
     return 0
 
 
@@ -123,15 +139,22 @@ def parser() -> argparse.ArgumentParser:
     avg = commands.add_parser(
         "average", help="the weighted average of checkpoints (SWA)",
         description="Average the floating-point tensors of checkpoints (weights normalised by "
-                    "their sum; integer tensors from the last source), one source in memory "
-                    "at a time; save the state dict with torch.save.")
-    avg.add_argument("sources", nargs="+", help="checkpoint files (torch.save)")
-    avg.add_argument("--out", required=True, help="where to write the averaged state dict")
+                    "their sum; integer tensors from the last source), tensor by tensor: "
+                    "memory holds about one tensor per source and one output tensor.")
+    avg.add_argument("sources", nargs="+",
+                     help="DCP checkpoint directories, torch.save files or safetensors files")
+    avg.add_argument("--out", required=True,
+                     help="where to write the average: NAME.safetensors (streamed), DIR/ or an "
+                          "existing directory (a DCP checkpoint, streamed), else a torch.save "
+                          "file (made in memory)")
+    avg.add_argument("--format", choices=("auto", "safetensors", "dcp", "torch"),
+                     default="auto", help="the output's format (default: from --out's name)")
     avg.add_argument("--weights", nargs="+", type=float, metavar="W",
                      help="one weight per source, normalised by their sum (default: uniform)")
     avg.add_argument("--key", default=None,
                      help="the state dict inside each checkpoint, e.g. model, state_dict, "
-                          "or a dotted path such as ema.shadows (default: the whole file)")
+                          "or a dotted path such as ema.shadows; in a DCP checkpoint or a "
+                          "safetensors file, the prefix of the names (default: all)")
     avg.add_argument("--no-strict", dest="strict", action="store_false",
                      help="average the names every source holds and leave the rest out "
                           "(default: refuse, listing every missing and unexpected name)")

@@ -80,20 +80,31 @@ def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
                                  and tuple(a.placements) == tuple(b.placements))
 
 
-def local_box(full: torch.Tensor, like: torch.Tensor) -> Optional[torch.Tensor]:
-    """The view of the full (unsharded) tensor ``full`` that is ``like``'s local shard on
-    this rank, with no communication; None where ``like``'s shard is not such a box
-    (a ``Partial`` placement, or a layout whose local shape differs from the box's)."""
+def local_bounds(like: torch.Tensor) -> Optional[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """(global offset, shape) of ``like``'s local shard on this rank, with no
+    communication; None where that shard is not a box of the full tensor (a
+    ``Partial`` placement, or a layout whose local shape differs from the box's)."""
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-    if any(p.is_partial() for p in like.placements) or full.shape != like.shape:
+    if any(p.is_partial() for p in like.placements):
         return None
     shape, offset = compute_local_shape_and_global_offset(like.shape, like.device_mesh,
                                                           like.placements)
     if tuple(shape) != tuple(like._local_tensor.shape):
         return None
+    # an empty shard's offset may lie past the end: clamp it (a zero-length box)
+    offset = tuple(min(o, n) for o, n in zip(offset, like.shape))
+    return offset, tuple(shape)
+
+
+def local_box(full: torch.Tensor, like: torch.Tensor) -> Optional[torch.Tensor]:
+    """The view of the full (unsharded) tensor ``full`` that is ``like``'s local shard on
+    this rank (:func:`local_bounds`), with no communication; None where there is none."""
+    bounds = local_bounds(like) if full.shape == like.shape else None
+    if bounds is None:
+        return None
     view = full
-    for dim, (start, length) in enumerate(zip(offset, shape)):
-        view = view.narrow(dim, min(start, view.shape[dim]), length)
+    for dim, (start, length) in enumerate(zip(*bounds)):
+        view = view.narrow(dim, start, length)
     return view
 
 
@@ -176,3 +187,26 @@ def export(shadows: Sequence[torch.Tensor], read: Callable[[int], torch.Tensor],
             value = value.cpu() if keep else None
         out.append(value)
     return out if keep else None
+
+
+def broadcast_replicas(what: str, names: Sequence[str], tensors: Sequence[torch.Tensor],
+                       src: int, group: Optional[object]) -> None:
+    """Overwrite each plain tensor with rank ``src``'s (``src`` a global rank, as in
+    ``torch.distributed.broadcast``): one broadcast per tensor, which every rank of
+    ``group`` must join.  For replicas (DDP); a DTensor, whose shards differ by design,
+    raises naming it before anything is sent."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(f"{what}: no process group; call "
+                           "torch.distributed.init_process_group() first")
+    for name, t in zip(names, tensors):
+        if is_dtensor(t):
+            raise TypeError(f"{what}: shadow {name!r} is a DTensor ({describe(t)}): each rank "
+                            "holds its own shard of a sharded model's average, nothing to "
+                            "broadcast")
+    with torch.no_grad():
+        for t in tensors:
+            buf = t if t.is_contiguous() else t.contiguous()  # collectives need dense tensors
+            dist.broadcast(buf, src=src, group=group)
+            if buf is not t:
+                t.copy_(buf)

@@ -44,19 +44,50 @@ def _prefixed(state: Mapping, prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
+def _selected_names(ema) -> list[str]:
+    """The parameters a list-based peer was given, in order, by this EMA's selection: the
+    tracked module's ``named_parameters()`` (or the tensor list's indices), less the
+    frozen ones where the EMA is ``trainable_only`` (torch_ema's recipe passes
+    ``[p for p in model.parameters() if p.requires_grad]``)."""
+    module = ema._tracked.module
+    names = ([n for n, _ in module.named_parameters()] if module is not None
+             else [str(i) for i in range(len(ema._tracked.tensors))])
+    frozen = {s.name for s in ema._tracked.frozen}
+    return [n for n in names if n not in frozen]
+
+
+def _count_mismatch(ema, count: int, names: list, given: bool, source: str) -> ValueError:
+    """The refusal of a list that does not have one shadow per selected parameter."""
+    trainable_only = bool(ema._tracked.frozen)
+    if given:
+        what = f"param_names has {len(names)} names"
+    else:
+        kind = "trainable parameters" if trainable_only else "parameters"
+        what = f"this EMA's model has {len(names)} {kind}"
+    hint = "pass param_names= with the name of each entry"
+    module = ema._tracked.module
+    if not given and not trainable_only and module is not None and count == sum(
+            p.requires_grad for p in module.parameters()):
+        hint = ("the peer was likely given only the trainable parameters (torch_ema's "
+                "recipe): make the EMA with trainable_only=True, or " + hint)
+    return ValueError(f"migrate: source={source!r} holds {count} shadows in a list, matched "
+                      f"to parameters by position, but {what}: every name after the first "
+                      f"difference would be shifted, so nothing was loaded; {hint}")
+
+
 def _positional(ema, tensors: list, names: Optional[Sequence[str]], source: str) -> dict:
     """Name a peer's list of shadows (torch_ema, diffusers keep lists in the order of the
-    parameters they were given): by ``names``, else the tracked module's
-    ``named_parameters()`` order, else ``"0"``, ``"1"``, ... for an EMA of a tensor list."""
+    parameters they were given): by ``names``, else by this EMA's selection of the
+    parameters (:func:`_selected_names`).  The counts must agree, whatever ``strict``
+    says: a list matched by position cannot tell which entry is missing."""
     if not isinstance(tensors, (list, tuple)):
         raise ValueError(f"migrate: source={source!r}: shadow_params is a "
                          f"{type(tensors).__name__}, not a list")
-    if names is None:
-        module = ema._tracked.module
-        names = ([n for n, _ in module.named_parameters()] if module is not None
-                 else [str(i) for i in range(len(ema._tracked.tensors))])
-    names = list(names)
-    return {names[i] if i < len(names) else f"shadow_params.{i}": t for i, t in enumerate(tensors)}
+    given = names is not None
+    names = list(names) if given else _selected_names(ema)
+    if len(names) != len(tensors):
+        raise _count_mismatch(ema, len(tensors), names, given, source)
+    return dict(zip(names, tensors))
 
 
 def _timm(ema, state, names):
@@ -137,7 +168,10 @@ def load_peer_state_dict(ema, state_dict: Any, source: str, *, step: Optional[in
             required where the peer saves none (timm; torch_ema without use_num_updates).
         strict: raise ``KeyError`` listing missing and unexpected names (else report them).
         param_names: for list-based peers (torch_ema, diffusers), the name of each entry of
-            ``shadow_params`` when they are not the module's ``named_parameters()`` order.
+            ``shadow_params`` when they are not the module's ``named_parameters()`` order
+            (the trainable ones only for an EMA made with ``trainable_only=True``).  A list
+            whose length differs from the names is refused (``ValueError``), strict or
+            not: matched by position, every name after a missing entry would shift.
 
     Returns:
         a :class:`PeerLoad` with the step set and the names found on one side only.

@@ -9,9 +9,11 @@ sync.  A table is copied to the device synchronously (so any stream may read it 
 once); the allocator is told of every other stream that reads it, so that evicting it
 while a kernel there still runs cannot hand its memory out early.
 
-CUDA graphs keep a table's device address and replay without asking the cache: a table
-used while a graph is captured is pinned (never evicted), and a miss during capture is
-refused (its copy would break the capture), as in the C++/CUDA backend.
+CUDA graphs keep a table's device address and replay without asking the cache: every
+table :func:`run` launches while a graph is captured is pinned, whoever holds it (the
+cache, or EMA's :class:`Prepared` plan, which launches without asking the cache): kept
+alive for the process's life and found by its key from then on (never evicted).  A miss
+during capture is refused (its copy would break the capture), as in the C++/CUDA backend.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ ROW = int(_ROW.value)
 #: vector accesses each.  Not tuned on a GPU yet.
 BLOCK = 2048
 NUM_WARPS = 4
+VECTOR_BYTES = 16  # the widest access: a tile's vectors need both addresses on this grid
 CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _CACHE_SIZE = 16
 CAPTURE_MISS = ("the kernel table for these {n} tensors is not built yet, and it cannot be "
@@ -37,7 +40,10 @@ CAPTURE_MISS = ("the kernel table for these {n} tensors is not built yet, and it
                 "capturing (a warm-up step)")
 
 _plans: "OrderedDict[tuple, Plan]" = OrderedDict()
-_pinned: dict[tuple, "Plan"] = {}  # used during a graph capture: kept for the graph's life
+_pinned: dict[tuple, "Plan"] = {}  # launched during a graph capture: found by key, never evicted
+# every table (Plan, or multi_update.Group) launched during a capture, by id: alive for the
+# process's life, because a captured graph replays its address
+_graph_tables: dict[int, object] = {}
 _anchors: dict[torch.device, torch.Tensor] = {}
 
 
@@ -58,35 +64,60 @@ def _anchor(device: torch.device) -> torch.Tensor:
 
 
 class Plan:
-    """Device tables for one set of pairs: ``tensors`` [n, ROW] and ``tiles`` [m, 2]."""
+    """Device tables for one set of pairs: ``tensors`` [n, ROW] and ``tiles`` [m, 2].
+
+    A tensor whose ``a`` starts off the 16-byte grid gets a head tile (the elements
+    before its first aligned one) and body tiles that start after it, so ``a`` is on
+    the grid in each of them (:mod:`.ema_kernels` says how the kernels use it)."""
 
     def __init__(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
-                 device: torch.device) -> None:
+                 device: torch.device, key: tuple = ()) -> None:
         anchor = _anchor(device)
         base = anchor.data_ptr()
-        self.device = device
+        self.device, self.key = device, key
         self.views = tuple(anchor.view(dt) for dt in CODES)  # f32, bf16, f16 anchors
         self.raw = (anchor.view(torch.int32), anchor.view(torch.int16))  # for swaps
         self.streams: set[int] = set()  # CUDA streams the allocator knows read the tables
-        rows, counts = [], []
+        rows, heads, bodies = [], [], []
         for a, b in pairs:
             pa, pb = a.data_ptr(), b.data_ptr()
-            aligned = int(pa % 16 == 0 and pb % 16 == 0)
+            head = min(a.numel(), (-pa) % VECTOR_BYTES // a.element_size())
+            on_grid = (pb + head * b.element_size()) % VECTOR_BYTES == 0
             rows.append(((pa - base) // a.element_size(), (pb - base) // b.element_size(),
-                         a.numel(), CODES[a.dtype], CODES[b.dtype], aligned))
-            counts.append(-(-a.numel() // BLOCK))
-        host = torch.tensor(rows, dtype=torch.int64).view(-1, ROW)
-        count = torch.tensor(counts, dtype=torch.int64)
+                         a.numel(), CODES[a.dtype], CODES[b.dtype], head << 1 | int(on_grid)))
+            heads.append(head)
+            bodies.append(-(-(a.numel() - head) // BLOCK))
+        head = torch.tensor(heads, dtype=torch.int64)
+        has_head = (head > 0).long()
+        count = has_head + torch.tensor(bodies, dtype=torch.int64)
         which = torch.repeat_interleave(torch.arange(len(rows)), count)
-        first_tile = torch.cumsum(count, 0) - count
-        starts = (torch.arange(int(count.sum())) - first_tile[which]) * BLOCK
-        self.tensors = host.to(device)
+        j = torch.arange(int(count.sum())) - (torch.cumsum(count, 0) - count)[which]
+        starts = torch.where(j < has_head[which], 0, head[which] + (j - has_head[which]) * BLOCK)
+        self.tensors = torch.tensor(rows, dtype=torch.int64).view(-1, ROW).to(device)
         self.tiles = torch.stack([which, starts], 1).contiguous().to(device)
         self.n_tiles = int(count.sum())
 
 
 def _capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    """Whether ``device``'s current stream is capturing a CUDA graph."""
+    if device.type != "cuda":
+        return False
+    if device.index is None or device.index == torch.cuda.current_device():
+        return torch.cuda.is_current_stream_capturing()
+    with torch.cuda.device(device):
+        return torch.cuda.is_current_stream_capturing()
+
+
+def _pin(table) -> None:
+    """Keep ``table`` (launched during a capture) for the process's life, and let a
+    :class:`Plan` be found by its key from now on even if the cache holds another one."""
+    if id(table) in _graph_tables:
+        return
+    _graph_tables[id(table)] = table
+    if isinstance(table, Plan) and _pinned.get(table.key) is None:
+        _pinned[table.key] = table
+        if _plans.get(table.key) is table:
+            del _plans[table.key]
 
 
 def plan_for(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
@@ -95,35 +126,35 @@ def plan_for(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], device: torch.d
     after the overlap check of ``kind``: a swap writes both sides)."""
     key = (device, kind == "swap") + tuple(
         (a.data_ptr(), b.data_ptr(), a.numel(), a.dtype, b.dtype) for a, b in pairs)
-    plan = _pinned.get(key) or _plans.get(key)
-    capturing = _capturing(device)
+    plan = _pinned.get(key)
     if plan is None:
-        if capturing:
+        plan = _plans.get(key)
+    if plan is None:
+        if _capturing(device):
             raise RuntimeError("ema_fused (triton): " + CAPTURE_MISS.format(n=len(pairs)))
         tensors.check_no_overlap(kind, [a for a, _ in pairs], [b for _, b in pairs])
-        plan = _plans[key] = Plan(pairs, device)
+        plan = _plans[key] = Plan(pairs, device, key)
         if len(_plans) > _CACHE_SIZE:
             _plans.popitem(last=False)
     elif key in _plans:
         _plans.move_to_end(key)
-    if capturing and key not in _pinned:
-        _pinned[key] = _plans.pop(key, plan)
     return plan
 
 
 def run(kernel, plan: Plan, *args, **meta) -> None:
-    """Launch ``kernel`` once over every tile of ``plan``; ``args``: what the kernel takes
-    after the two tables (anchor views, scalars)."""
-    if plan.device.type != "cuda":
-        kernel[(plan.n_tiles,)](plan.tensors, plan.tiles, *args, BLOCK=BLOCK,
-                                num_warps=NUM_WARPS, **meta)
-        return
-    with torch.cuda.device(plan.device):
-        stream = torch.cuda.current_stream()
-        if stream.cuda_stream not in plan.streams:  # the copy is done: only the allocator
-            plan.tensors.record_stream(stream)
-            plan.tiles.record_stream(stream)
-            plan.streams.add(stream.cuda_stream)
+    """Launch ``kernel`` once over every tile of ``plan`` (pinned if a graph is being
+    captured); ``args``: what the kernel takes after the two tables (anchor views,
+    scalars)."""
+    cuda = plan.device.type == "cuda"
+    with torch.cuda.device(plan.device) if cuda else contextlib.nullcontext():
+        if _capturing(plan.device):
+            _pin(plan)
+        if cuda:
+            stream = torch.cuda.current_stream()
+            if stream.cuda_stream not in plan.streams:  # the copy is done: only the allocator
+                plan.tensors.record_stream(stream)
+                plan.tiles.record_stream(stream)
+                plan.streams.add(stream.cuda_stream)
         kernel[(plan.n_tiles,)](plan.tensors, plan.tiles, *args, BLOCK=BLOCK,
                                 num_warps=NUM_WARPS, **meta)
 

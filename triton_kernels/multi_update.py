@@ -132,7 +132,9 @@ def _groups(shadows, params, active: list[int], device: torch.device) -> list[Gr
     first refuses shadows that share memory with any shadow or param)."""
     key = (device, tuple(active)) + tuple(
         (t.data_ptr(), t.numel(), t.dtype) for t in list(params) + [s for p in shadows for s in p])
-    groups = _pinned.get(key) or _plans.get(key)
+    groups = _pinned.get(key)  # an empty list (every weight 0) is a table set too
+    if groups is None:
+        groups = _plans.get(key)
     capturing = launch._capturing(device)
     if groups is None:
         if capturing:

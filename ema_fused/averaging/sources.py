@@ -1,9 +1,9 @@
-"""The sources of :func:`ema_fused.average_checkpoints`: loading one at a time, picking the
-state dict inside a checkpoint, and its tensors' names, shapes and kinds.
+"""What every source of :func:`ema_fused.average_checkpoints` shares: how messages name it,
+the checks of the arguments, picking the state dict inside a checkpoint (``key=``), and
+its tensors' names, shapes and kinds (:class:`Entry`).
 
-Paths load with ``torch.load(mmap=True, weights_only=True)``: the file is mapped, not
-read, so a first pass over every source's names and shapes reads only the pickles, and
-the second pass holds one source's pages at a time (released when its tensors die).
+The readers of each kind of source (:mod:`.readers`: state dicts and ``torch.save``
+files; :mod:`.dcp_sources`; :mod:`.safetensors_files`) build their layouts here.
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ class Entry(NamedTuple):
 
 
 def describe(index: int, source: Source) -> str:
+    """How messages name source ``index``."""
     if isinstance(source, Mapping):
         return f"source {index} (a {type(source).__name__})"
     return f"source {index} ({os.fspath(source)!r})"
@@ -36,8 +37,8 @@ def describe(index: int, source: Source) -> str:
 def check_sources(sources) -> list:
     """The sources as a list; a single path or state dict (not in a list) is refused."""
     if isinstance(sources, (str, bytes, os.PathLike, Mapping)):
-        raise TypeError(f"{OP}: sources must be a list of paths or state dicts, got a single "
-                        f"{type(sources).__name__}; pass [it]")
+        raise TypeError(f"{OP}: sources must be a list of paths (files or DCP directories) or "
+                        f"state dicts, got a single {type(sources).__name__}; pass [it]")
     try:
         sources = list(sources)
     except TypeError:
@@ -53,15 +54,18 @@ def check_sources(sources) -> list:
 
 
 def check_key(key: Key) -> None:
+    """Refuse a ``key=`` that is neither None, a string nor a callable."""
     if key is not None and not isinstance(key, str) and not callable(key):
         raise TypeError(f"{OP}: key must be None, a string (a dotted path such as "
                         f"'model' or 'state.ema') or a callable, got {type(key).__name__}")
 
 
-def _load(index: int, path, map_location) -> Any:
+def load_file(index: int, path, map_location) -> tuple[Any, bool]:
+    """``torch.load(path, mmap=True, weights_only=True)`` and whether it is mapped (a
+    file in the legacy, pre-zip format cannot be: it is read whole)."""
     where = describe(index, path)
     try:
-        return torch.load(path, mmap=True, weights_only=True, map_location=map_location)
+        return torch.load(path, mmap=True, weights_only=True, map_location=map_location), True
     except RuntimeError as exc:
         if "mmap can only be used" not in str(exc):
             raise RuntimeError(f"{OP}: {where} cannot be loaded: {exc}") from exc
@@ -70,10 +74,20 @@ def _load(index: int, path, map_location) -> Any:
                         f"({type(exc).__name__}: {str(exc)[:400]}); if you trust the file, "
                         "load it yourself and pass the state dict") from exc
     # a file in the legacy (pre-zip) format cannot be mapped: read it whole
-    return torch.load(path, weights_only=True, map_location=map_location)
+    try:
+        return torch.load(path, weights_only=True, map_location=map_location), False
+    except Exception as exc:
+        # torch writes float8 storages into that format but cannot read them back
+        # (its legacy reader asks the untyped storage for a dtype): say so, and how to fix
+        hint = ("torch cannot read float8 tensors back from that format" if
+                isinstance(exc, AttributeError) else "it may hold what weights_only refuses")
+        raise RuntimeError(f"{OP}: {where} is in torch's legacy (non-zip) format and cannot be "
+                           f"loaded ({type(exc).__name__}: {str(exc)[:400]}); {hint}: re-save "
+                           "it with torch.save's default format (or load it yourself and pass "
+                           "the state dict)") from exc
 
 
-def _select(obj: Any, key: Key, where: str) -> Mapping[str, Any]:
+def select(obj: Any, key: Key, where: str) -> Mapping[str, Any]:
     """The mapping of tensors ``key`` names in ``obj`` (a whole key first, then dotted)."""
     if callable(key):
         sub = key(obj)
@@ -95,11 +109,26 @@ def _select(obj: Any, key: Key, where: str) -> Mapping[str, Any]:
     return sub
 
 
-def state_dict(index: int, source: Source, key: Key, map_location) -> Mapping[str, Any]:
-    """Source ``index``'s state dict (a path is loaded, memory-mapped)."""
-    where = describe(index, source)
-    obj = source if isinstance(source, Mapping) else _load(index, source, map_location)
-    return _select(obj, key, where)
+def add_entry(out: dict[str, Entry], where: str, key: str, shape, dtype: torch.dtype,
+              inner: Optional[str] = None) -> None:
+    """Record tensor ``key`` of a source under the plain name (wrapper prefixes removed)
+    of ``inner`` (its name inside the chosen state dict; default ``key``); raises
+    naming it for a complex tensor, or two keys with one plain name."""
+    if dtype.is_complex:
+        raise TypeError(f"{OP}: {where}: tensor {key!r} is complex ({dtype}); only real "
+                        "tensors are averaged")
+    name = _checkpoint.plain_name(key if inner is None else inner)
+    if name in out:
+        raise ValueError(f"{OP}: {where}: keys {out[name].key!r} and {key!r} name the same "
+                         "tensor once wrapper prefixes (module., _orig_mod.) are removed")
+    kind = "float" if dtype.is_floating_point else "integer"
+    out[name] = Entry(key, tuple(shape), dtype, kind)
+
+
+def not_a_tensor(where: str, key: str, what: str, hint: bool = True) -> TypeError:
+    """The error for a non-tensor entry inside the chosen state dict."""
+    tail = " (pick the state dict inside the checkpoint with key=)" if hint else ""
+    return TypeError(f"{OP}: {where}: entry {key!r} is {what}, not a tensor{tail}")
 
 
 def layout(index: int, source: Source, sd: Mapping[str, Any]) -> dict[str, Entry]:
@@ -109,28 +138,35 @@ def layout(index: int, source: Source, sd: Mapping[str, Any]) -> dict[str, Entry
     out: dict[str, Entry] = {}
     for k, t in sd.items():
         if not isinstance(t, torch.Tensor):
-            hint = " (pick the state dict inside the checkpoint with key=)" if \
-                isinstance(t, (Mapping, int, float, str)) else ""
-            raise TypeError(f"{OP}: {where}: entry {k!r} is a {type(t).__name__}, not a "
-                            f"tensor{hint}")
-        if t.is_complex():
-            raise TypeError(f"{OP}: {where}: tensor {k!r} is complex ({t.dtype}); only real "
-                            "tensors are averaged")
-        name = _checkpoint.plain_name(k)
-        if name in out:
-            raise ValueError(f"{OP}: {where}: keys {out[name].key!r} and {k!r} name the same "
-                             "tensor once wrapper prefixes (module., _orig_mod.) are removed")
-        kind = "float" if t.is_floating_point() else "integer"
-        out[name] = Entry(k, tuple(t.shape), t.dtype, kind)
+            raise not_a_tensor(where, k, f"a {type(t).__name__}",
+                               isinstance(t, (Mapping, int, float, str)))
+        add_entry(out, where, k, t.shape, t.dtype)
     return out
 
 
-def first_pass(index: int, source: Source, key: Key) -> dict[str, Entry]:
-    """Names, shapes and dtypes of one source; a path's data is mapped, never read."""
-    return layout(index, source, state_dict(index, source, key, "cpu"))
+def select_flat(keys, key: Key, where: str) -> dict[str, str]:
+    """For a flat source (DCP checkpoint, safetensors file) whose tensors are named by
+    dotted paths: inner name -> full key of the entries under ``key`` (all for None)."""
+    if key is None:
+        return {k: k for k in keys}
+    if callable(key):
+        raise TypeError(f"{OP}: {where}: key= as a callable needs the checkpoint as a Python "
+                        "object; inside a DCP checkpoint or a safetensors file, name the "
+                        "state dict with a dotted string such as 'model' or 'ema.shadows'")
+    prefix = key + "."
+    out = {k[len(prefix):]: k for k in keys if k.startswith(prefix)}
+    if not out:
+        if key in keys:
+            raise TypeError(f"{OP}: {where}: key {key!r} gives a single entry, not a "
+                            "state dict")
+        tops = sorted({k.split(".", 1)[0] for k in keys})
+        raise KeyError(f"{OP}: {where} has no {key!r} (top-level names: "
+                       f"{listed(tops, 12)})")
+    return out
 
 
 def listed(names, limit: Optional[int] = None) -> str:
+    """``'a', 'b' and 3 more``."""
     names = list(names)
     shown = names if limit is None else names[:limit]
     more = f" and {len(names) - len(shown)} more" if len(names) > len(shown) else ""

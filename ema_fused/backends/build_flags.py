@@ -10,10 +10,11 @@ import subprocess
 from typing import Optional
 
 #: Sources in csrc/; CUDA ones only when the build has CUDA.  python_module.cpp is the
-#: Python module (``ema_fused._C``, or the JIT build's name) with host_path.cpp's helpers.
+#: Python module (``ema_fused._C``, or the JIT build's name) with host_path.cpp's and
+#: cpu_offload.cpp's helpers.
 CPU_SOURCES = ("ema_ops.cpp", "cpu_kernels.cpp", "host_path.cpp", "python_module.cpp",
-               "cpu_multi_shadow.cpp", "cpu_stochastic.cpp", "cpu_stochastic_loops.cpp",
-               "cpu_stochastic_avx2.cpp", "cpu_stochastic_avx512.cpp")
+               "cpu_multi_shadow.cpp", "cpu_offload.cpp", "cpu_stochastic.cpp",
+               "cpu_stochastic_loops.cpp", "cpu_stochastic_avx2.cpp", "cpu_stochastic_avx512.cpp")
 CUDA_SOURCES = ("cuda_kernels.cu", "cuda_multi_shadow.cu")
 
 #: Always-built arches: A100 and H100 class GPUs.

@@ -13,6 +13,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from ..checks import devices as _devices
+
 log = logging.getLogger("ema_fused")
 
 #: Every backend name, fastest first; ``auto`` takes the first usable one.
@@ -88,6 +90,9 @@ def register_backend(backend: Backend) -> None:
 
 
 def _reasons(name: str, device: Optional[torch.device]) -> list[str]:
+    missing = _devices.unavailable(device) if device is not None else None
+    if missing is not None:  # before any backend's probe touches the device
+        return [missing]
     if name in _registry:
         return _registry[name].not_supported_reasons(device)
     return ["not registered"]

@@ -72,9 +72,17 @@ def _probe(device: torch.device) -> Optional[str]:
     """Compile and run the update kernel once per device on a tiny mixed-dtype pair and
     check the result, so that a Triton that cannot build or run it here makes ``auto``
     fall back (and a request by name fail with the reason) before any real tensor is
-    touched.  One sync, at the first use on the device."""
+    touched.  One sync, at the first use on the device.
+
+    Never while a CUDA graph is being captured: the probe's table cannot be built there
+    and its check syncs, so it would fail for a reason that says nothing about Triton.
+    Then the backend is unusable *for now* (the reason says why; nothing is cached) and
+    the first use outside a capture probes."""
     if device.index is None and device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
+    if device not in _probed and _kernels._capturing(device):
+        return (f"Triton has not been tried on {device} yet, and cannot be while a CUDA graph "
+                "is being captured: run the same call once before capturing (a warm-up step)")
     if device not in _probed:
         try:
             n = 2 * _kernels.BLOCK + 5  # a full aligned tile and a masked tail

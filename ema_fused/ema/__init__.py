@@ -9,19 +9,24 @@ through the op layer (``ema_fused.ops``).
     capturable.py     device-side step and decay for CUDA-graph capture
     host_path.py      the C++ snapshot that lets a cached update plan skip re-reading the model
     staging.py        updates and copies across devices (shadows on another device), in pieces
+    offload.py        shadows on the host (device="cpu"): capture, ordering, non_blocking waits
+    offload_layout.py   ... the staging slots (pinned, allocated once) and the pieces
+    offload_worker.py   ... the background thread, its errors, a clean exit
     as_module.py      EMA.as_module(): an nn.Module face carrying the EMA as extra state
     hooks.py          optimizer step hooks (EMA.attach and the training-loop integrations)
     rounding.py       rounding="stochastic": its checks, the seed, each update's counter words
 
 Exported for the layers above (posthoc/, averaging/, integrations/, migrate.py): the class,
-the checkpoint format, cross-device staging and the real-step hook.
+the checkpoint format, cross-device staging, the real-step hook, ``order_before_steps``
+(the offload's stream wait before optimizer steps) and ``serialized`` (the lock decorator
+PostHocEMA shares with its profiles).
 """
 from . import checkpoint
 from ..checks import ModelChangedError
-from .ema import EMA
-from .hooks import on_real_step
+from .ema import EMA, serialized
+from .hooks import on_real_step, order_before_steps
 from .rounding import draw_seed
 from .staging import copy_across_, update_across_
 
 __all__ = ["EMA", "ModelChangedError", "checkpoint", "copy_across_", "update_across_",
-           "on_real_step", "draw_seed"]
+           "on_real_step", "order_before_steps", "serialized", "draw_seed"]

@@ -102,15 +102,16 @@ def seed_after_load(ema, state_dict: Mapping) -> Optional[int]:
     return _rounding.loaded_seed(state_dict, ema.rounding, ema.seed)
 
 
-def load_into(ema, state_dict: dict, strict: bool) -> None:
-    """``EMA.load_state_dict()``: every check first, then the copies and counters."""
+def checked(ema, state_dict: dict, strict: bool) -> tuple[list, tuple]:
+    """Every check of :func:`load_into`, writing nothing: ``(copies, counters)``, the
+    ``(shadow, source)`` local tensor pairs to copy and ``(step, decay, product)``."""
     if not isinstance(state_dict, Mapping) or state_dict.get("format") != FORMAT:
         raise ValueError("EMA.load_state_dict: not an ema_fused EMA state_dict")
     if state_dict.get("version") != VERSION:
         raise ValueError(f"EMA.load_state_dict: version {state_dict.get('version')} is not "
                          f"supported (this ema_fused writes {VERSION})")
     step, decay, product, bias_correction = counters_of(state_dict)
-    seed = seed_after_load(ema, state_dict)
+    seed_after_load(ema, state_dict)  # the rounding fields, checked before anything is written
     if bias_correction != ema.bias_correction:
         raise ValueError("EMA.load_state_dict: the checkpoint has bias_correction="
                          f"{bias_correction}, this EMA {ema.bias_correction}")
@@ -129,11 +130,18 @@ def load_into(ema, state_dict: dict, strict: bool) -> None:
         dst = ema._shadows[index[name]]
         check_tensor(name, theirs[key], dst)
         copies.append((_distributed.local(dst), local_source(name, theirs[key], dst)))
+    return copies, (step, decay, product)
+
+
+def load_into(ema, state_dict: dict, strict: bool) -> None:
+    """``EMA.load_state_dict()``: every check first (:func:`checked`), then the copies
+    and counters."""
+    copies, counters = checked(ema, state_dict, strict)
     with torch.no_grad():
         for dst, src in copies:
             if src is not dst:  # dcp.load fills the shadows in place, then passes them here
                 dst.copy_(src)
-    ema._step, ema._decay, ema._decay_product = step, decay, product
-    ema.seed = seed
+    ema._step, ema._decay, ema._decay_product = counters
+    ema.seed = seed_after_load(ema, state_dict)
     if ema._device_schedule is not None:
         ema._device_schedule.load(ema._step, ema._decay, ema._decay_product)

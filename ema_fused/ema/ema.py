@@ -11,6 +11,7 @@ from torch import nn
 from .. import distributed as _distributed
 from ..backends import selection as _backend
 from ..checks import as_flag, as_int, as_real
+from ..checks import devices as _devices
 from ..checks import tensors as _validate
 from ..ops import indices_by_device
 from ..schedules import constant
@@ -21,6 +22,8 @@ from . import rounding as _rounding
 from .as_module import EMAStateModule
 from .capturable import DeviceSchedule
 from .model_checks import check_not_meta
+from .offload import Deferral, Offload, for_ema
+from .offload_layout import Layout
 from .reads import AveragedReads
 from .staging import copy_across_, update_across_
 from .tracking import Tracked
@@ -49,6 +52,7 @@ class _Plan:
         self.group_positions: list[list[int]] = []  # of each group's shadows
         self.key: Optional[list] = None  # the Python check, where there is no snapshot
         self.snapshot = None  # host_path's C++ check, where the extension is loaded
+        self.layout: Optional[Layout] = None  # offloaded shadows: slots and pieces, made once
 
 
 class EMA(AveragedReads):
@@ -84,7 +88,14 @@ class EMA(AveragedReads):
             shadow element as it is (averaging and copying steps alike), so one bad
             value does not poison the average forever.  Decided inside the kernels per
             element, with no extra pass and no host sync; nothing is reported (check the
-            model yourself if you need to know).
+            model yourself if you need to know).  Not with ``bias_correction`` (refused:
+            the one global correction would over-correct the elements that skipped).
+        non_blocking: with ``device="cpu"``: ``update()`` returns once this step's values
+            are captured and averages them in the background (see the README's
+            "Offloading the EMA to the host"); every read, and :meth:`wait`, waits for it.
+        offload_threads: with ``non_blocking=True``: the CPU kernel threads of the
+            background averaging (None: ``torch.get_num_threads() - 1``, at least 1,
+            leaving a core to the training thread).
         rounding: ``"nearest"``, or ``"stochastic"`` for bfloat16/float16 shadows (``dtype``):
             each update's fp32 result is rounded up or down at random, up with the
             probability of the remainder's share of one ulp, so the 16-bit shadow is an
@@ -109,7 +120,8 @@ class EMA(AveragedReads):
                  device: Optional[Union[torch.device, str]] = None, backend: str = "auto",
                  bias_correction: bool = False, exclude: Sequence[str] = (),
                  capturable: bool = False, trainable_only: bool = False,
-                 skip_nonfinite: bool = False, rounding: str = "nearest",
+                 skip_nonfinite: bool = False, non_blocking: bool = False,
+                 offload_threads: Optional[int] = None, rounding: str = "nearest",
                  seed: Optional[int] = None) -> None:
         if schedule is None:
             schedule = constant(as_real("EMA: decay", decay))
@@ -129,11 +141,24 @@ class EMA(AveragedReads):
         self.update_every = as_int("EMA: update_every", update_every, 1)
         self.bias_correction = as_flag("EMA: bias_correction", bias_correction)
         self.skip_nonfinite = as_flag("EMA: skip_nonfinite", skip_nonfinite)
+        if self.skip_nonfinite and self.bias_correction:
+            # the correction divides every element by 1 - (one global product of decays);
+            # an element that skipped steps had fewer decays applied, so it would read
+            # too small (constant weights 1.0 and one NaN read 0.53, 0.70, ...), and a
+            # per-element product would cost a float per element
+            raise ValueError("EMA: skip_nonfinite=True with bias_correction=True is not "
+                             "supported: the correction divides by one product of decays for "
+                             "all elements, so it would over-correct every element that "
+                             "skipped a step. Use one of the two (e.g. update_after_step= or a "
+                             "warmup schedule instead of bias_correction)")
         self._device = torch.device(device) if device is not None else None
         self._backend_request = backend
         _backend.resolve_name(backend)  # unknown names fail now, not at the first update
         if self._device is not None and self._device.type == "meta":
             raise ValueError("EMA: device='meta' cannot hold an average; pick a real device")
+        missing = _devices.unavailable(self._device) if self._device is not None else None
+        if missing is not None:
+            raise RuntimeError(f"EMA: device={str(self._device)!r}: {missing}")
         self._tracked = Tracked(model_or_params, buffers, tuple(exclude),
                                 as_flag("EMA: trainable_only", trainable_only))
         with torch.no_grad():
@@ -160,6 +185,15 @@ class EMA(AveragedReads):
         self._lock = threading.RLock()
         self._inside: Optional[int] = None  # thread inside average_parameters(), if any
         self._swapped = False  # ... on the swap path: the shadows hold the model's weights
+        self.non_blocking = as_flag("EMA: non_blocking", non_blocking)
+        self._offload_threads = (None if offload_threads is None else
+                                 as_int("EMA: offload_threads", offload_threads, 1))
+        self._offload = self._new_offload()
+        self._updating_step = 0  # the step update() is averaging (named by offload errors)
+
+    def _new_offload(self) -> Optional[Offload]:
+        return for_ema(self._device, self.non_blocking, self._offload_threads,
+                       self._device_schedule is not None)
 
     @property
     def decay(self) -> Optional[float]:
@@ -175,34 +209,49 @@ class EMA(AveragedReads):
             return self._device_schedule.num_updates()
         return self._step
 
-    def _guard(self, what: str, reads_shadows: bool = False) -> None:
+    def _guard(self, what: str, reads_shadows: bool = False, owner: str = "EMA",
+               settle: bool = True) -> None:
         """Refuse ``what`` while a thread is inside :meth:`average_parameters` (before it
         changed anything).  Calls that only read the shadows (``reads_shadows``) are
-        refused only while the shadows hold the model's weights (the swap path)."""
+        refused only while the shadows hold the model's weights (the swap path).
+        ``owner`` names the object the user called (a PostHocEMA guards its profiles).
+        With ``settle`` a pending background update is waited for first (its error is
+        raised); else only one that already ended is reported."""
+        if self._offload is not None and settle:
+            self._offload.wait()
+        elif self._offload is not None:
+            self._offload.poll()
         if self._inside is None or (reads_shadows and not self._swapped):
             return
         where = ("the shadows and the model's weights are swapped" if self._swapped else
                  "the model holds the averaged weights")
         if self._inside == threading.get_ident():
-            raise RuntimeError(f"EMA.{what}: not allowed inside average_parameters(), where "
+            raise RuntimeError(f"{owner}.{what}: not allowed inside average_parameters(), where "
                                f"{where}")
-        raise RuntimeError(f"EMA.{what}: refused, nothing changed: another thread is inside "
+        raise RuntimeError(f"{owner}.{what}: refused, nothing changed: another thread is inside "
                            f"average_parameters(), where {where}. To evaluate while training "
-                           "goes on, evaluate a second model filled by ema.copy_to(other)")
+                           "goes on, evaluate a second model filled by copy_to(..., other)")
 
     def __getstate__(self) -> dict:
         """For ``copy.deepcopy``, ``pickle`` and ``torch.save``: the cached plan (kernel
-        tables, C++ snapshots) and the lock are left out and made again when needed."""
+        tables, C++ snapshots) and the lock are left out and made again when needed.
+        The tracked model is copied with the EMA (a bare ``deepcopy(ema)`` tracks a
+        private copy of the model; see the README's "Copies and pickling")."""
         with self._lock:
             self._guard("__getstate__ (deepcopy/pickle)")
             state = dict(self.__dict__)
         del state["_lock"]
         state["_plan"] = None
+        state["_offload"] = None  # threads, streams and staging: made again
         return state
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
+        # an EMA pickled before the offload and rounding options existed has none of them
+        self.__dict__.update({"non_blocking": False, "_offload_threads": None,
+                              "_updating_step": 0, "rounding": "nearest", "seed": None,
+                              **state})
         self._lock = threading.RLock()
+        self._offload = self._new_offload()
 
     def _make_shadow(self, entry, t: torch.Tensor, dtype) -> torch.Tensor:
         """A new shadow of model tensor ``t``: of its local shard, laid out like it."""
@@ -232,7 +281,7 @@ class EMA(AveragedReads):
         ``decay = schedule(step - update_after_step)``.  An update that raises (a
         schedule that failed, a changed model) leaves the step where it was.
         """
-        self._guard("update")
+        self._guard("update", settle=False)
         if self._device_schedule is not None:
             self._update_on_device(step)
             return
@@ -255,6 +304,9 @@ class EMA(AveragedReads):
             decay = _validate.check_scalar(
                 "EMA", f"decay from schedule {self.schedule!r} at n={step - self.update_after_step}",
                 self.schedule(step - self.update_after_step))
+        if self._offload is not None:
+            self._offload.wait()  # back-pressure: the previous update is in the shadows
+            self._updating_step = step
         self._average(0.0 if decay == 0.0 else 1.0 - decay, copy=decay == 0.0, step=step)
         self._step = step
         self._decay = decay
@@ -286,7 +338,11 @@ class EMA(AveragedReads):
             weight, copy = 1.0, False
         sr = self.rounding == "stochastic" and not copy
         with torch.no_grad():
-            if plan.groups is None:  # some shadows live on another device: staged copies
+            if plan.groups is None and self._offload is not None:  # shadows on the host
+                self._offload.update(plan, self._tracked.entries, weight, copy, skip,
+                                     self._copied_value, self._updating_step,
+                                     self._backend_request, self.seed if sr else None)
+            elif plan.groups is None:  # some shadows live on another device: staged copies
                 if copy:
                     copy_across_(plan.ema_s, plan.ema_p, 1.0, self._backend_request)
                 else:
@@ -304,8 +360,9 @@ class EMA(AveragedReads):
                         impl.copy_(shadows, params, 1.0)
                     else:
                         impl.update_(shadows, params, weight, skip, **extra)
-            for s, p in zip(plan.copy_s, plan.copy_p):
-                s.copy_(self._copied_value(s, p, active))
+            if plan.groups is not None or self._offload is None:
+                for s, p in zip(plan.copy_s, plan.copy_p):
+                    s.copy_(self._copied_value(s, p, active))
 
     def _copied_value(self, s: torch.Tensor, p: torch.Tensor,
                       active: Optional[torch.Tensor]) -> torch.Tensor:
@@ -344,7 +401,8 @@ class EMA(AveragedReads):
         self._follow_devices(live)
         plan = _Plan(*self._split(local))
         plan.positions = [i for i, e in enumerate(self._tracked.entries) if e.averaged]
-        if all(s.device == p.device for s, p in zip(plan.ema_s, plan.ema_p)):
+        if not self.non_blocking and all(s.device == p.device for s, p in
+                                         zip(plan.ema_s, plan.ema_p)):
             plan.groups = []
             for dev, idx in indices_by_device(plan.ema_s).items():
                 ga, gb = [plan.ema_s[i] for i in idx], [plan.ema_p[i] for i in idx]
@@ -427,6 +485,22 @@ class EMA(AveragedReads):
         self._sync_sharding()
         _checkpoint.load_into(self, state_dict, strict)
 
+    @serialized
+    def broadcast_shadows(self, src: int = 0, group: Optional[object] = None) -> None:
+        """Make every rank's shadows those of rank ``src`` (a global rank), one broadcast
+        per shadow: a collective, every rank of ``group`` (default: the world) calls it.
+
+        For replicated models (DDP) whose EMA was made before ``DDP(model)`` from weights
+        that differ across ranks (an unseeded init): DDP broadcasts rank 0's weights into
+        the model, not into the shadows, which hold each rank's own.  Call it once, where
+        every rank has made the same updates (e.g. right after ``DDP(model)``); the step
+        counters are not touched.  Sharded (DTensor) shadows are refused."""
+        self._guard("broadcast_shadows")
+        _distributed.broadcast_replicas("EMA.broadcast_shadows",
+                                        [e.name for e in self._tracked.entries],
+                                        self._shadows, as_int("EMA.broadcast_shadows: src",
+                                                              src, 0), group)
+
     def as_module(self) -> "nn.Module":
         """An ``nn.Module`` holding this EMA, to register in a model or LightningModule
         (``self.ema_state = ema.as_module()``) so that their ``state_dict()`` /
@@ -435,6 +509,21 @@ class EMA(AveragedReads):
         ``.to()``/``.half()`` never move or cast the shadows."""
         return EMAStateModule(self)
 
+    def wait(self) -> None:
+        """Block until every pending background update (``non_blocking=True``) is in the
+        shadows; re-raise, naming the step, an error it hit.  Every read waits by itself."""
+        with self._lock:
+            if self._offload is not None:
+                self._offload.wait()
+
+    def _defer_fences(self) -> Deferral:
+        """Offloaded CUDA params: order their capture before the next optimizer step
+        (a stream wait just before any optimizer's step) instead of at the end of each
+        update.  For ``attach`` and the training-loop callbacks; ``remove()`` undoes it."""
+        if self._offload is None:
+            return Deferral()
+        return self._offload.defer_fences()
+
     # ------------------------------------------------------------------ training loops
     def attach(self, optimizer: torch.optim.Optimizer) -> "_hooks.AttachHandle":
         """Call :meth:`update` after every real step of ``optimizer``; returns a handle
@@ -442,5 +531,7 @@ class EMA(AveragedReads):
 
         A step that ``GradScaler`` skips (inf/NaN gradients) is not counted.  Wrapped
         optimizers (accelerate, Lightning) are hooked at the optimizer that really steps.
+        An EMA attached to one optimizer is refused by another (both stepping in one
+        iteration would update it twice): ``remove()`` the first handle to move it.
         """
         return _hooks.attach(self, optimizer)

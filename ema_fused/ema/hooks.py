@@ -61,17 +61,29 @@ def on_real_step(optimizer: Any, fn: Callable[[], None]) -> RemovableHandle:
     return opt.register_step_post_hook(hook)
 
 
+def order_before_steps(ema: Any) -> Any:
+    """For an EMA with offloaded shadows of CUDA params: wait for its capture with a
+    stream wait just before the next optimizer step (of any torch optimizer), not at the
+    end of each ``update()``, so that the forward and backward overlap the transfer.
+    The returned handle's ``remove()`` undoes it.  ``EMA.attach`` and the training-loop
+    callbacks use it; a loop calling ``update()`` after its optimizer steps may too."""
+    return ema._defer_fences()
+
+
 class AttachHandle:
     """What ``EMA.attach`` returns: ``remove()`` detaches the EMA from the optimizer."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, ema: Any, hook: RemovableHandle) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, ema: Any, hook: RemovableHandle,
+                 fences: Any) -> None:
         self._optimizer = weakref.ref(optimizer)
         self._ema = weakref.ref(ema)
         self._hook = hook
+        self._fences = fences
 
     def remove(self) -> None:
         """Stop updating the EMA after this optimizer's steps (safe to call twice)."""
         self._hook.remove()
+        self._fences.remove()
         opt, ema = self._optimizer(), self._ema()
         if opt is not None and ema is not None and opt in _ATTACHED:
             _ATTACHED[opt].discard(ema)
@@ -90,6 +102,15 @@ def attach(ema: Any, optimizer: Any) -> AttachHandle:
     if ema in attached:
         raise RuntimeError("EMA.attach: this EMA is already attached to this optimizer; "
                            "a second hook would update it twice per step")
+    for other, emas in list(_ATTACHED.items()):
+        if other is not opt and ema in emas:
+            # each attach updates once per step of its optimizer: two optimizers stepping
+            # in one iteration (one per parameter kind, say) would update it twice
+            raise RuntimeError(
+                f"EMA.attach: this EMA is already attached to another optimizer "
+                f"({type(other).__name__}); if both step in one iteration it would update "
+                "twice per iteration. Attach it to the optimizer that steps last, or call "
+                "ema.update(step) yourself; remove() the first handle to move it")
     ema_ref = weakref.ref(ema)  # the hook must not keep the EMA (and its shadows) alive
 
     def update() -> None:
@@ -97,6 +118,6 @@ def attach(ema: Any, optimizer: Any) -> AttachHandle:
         if target is not None:
             target.update()
 
-    handle = AttachHandle(opt, ema, on_real_step(opt, update))
+    handle = AttachHandle(opt, ema, on_real_step(opt, update), order_before_steps(ema))
     attached.add(ema)
     return handle

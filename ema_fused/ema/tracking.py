@@ -16,6 +16,7 @@ from typing import Iterable, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from .as_module import tensor_names_only
 from .model_checks import (ModelChangedError, Slot, check_frozen, check_holdable, check_ties,
                             resolve, unwrap)
 from ..checks import FLOAT_DTYPES
@@ -75,8 +76,11 @@ class Tracked:
                     continue
                 self._add(name, "", name, False, t, seen)
         if not self.entries:
+            frozen = (f", and trainable_only=True left out {len(self.frozen)} parameters with "
+                      "requires_grad=False (freeze fewer, or pass trainable_only=False)"
+                      if self.frozen else "")
             raise ValueError("EMA: nothing to average: no tensors left after applying "
-                             f"buffers={buffers!r} and exclude={list(exclude)!r}")
+                             f"buffers={buffers!r} and exclude={list(exclude)!r}{frozen}")
 
     def _add(self, name, path, key, is_buffer, t, seen, averaged_buffers=True) -> None:
         if t.is_complex():
@@ -98,7 +102,8 @@ class Tracked:
                      trainable_only: bool) -> None:
         param_ids = {id(p) for _, p in model.named_parameters(remove_duplicate=False)}
         seen: dict[int, int] = {}
-        state = model.state_dict(keep_vars=True)
+        with tensor_names_only():  # an EMA registered in the model would be asked its state
+            state = model.state_dict(keep_vars=True)
         self._all_names = {n for n, t in state.items() if isinstance(t, torch.Tensor)}
         for name, t in state.items():
             if not isinstance(t, torch.Tensor) or _matches(name, exclude):
@@ -160,7 +165,7 @@ class Tracked:
             raise ModelChangedError(f"EMA: expected {len(self.tensors)} tensors, got {len(tensors)}")
         out = [tensors[int(e.key)] for e in self.entries]
         slots = {s.key: tensors[int(s.key)] for s in self.alias_slots + self.frozen}
-        self._check_slots(out, {"": _ListOwner(slots)})
+        self._check_slots(out, {"": _ListOwner(slots)}, tracked=target is self.tensors)
         return self.check_shapes(out) if check_shapes else out
 
     def _read_module(self, model: nn.Module) -> list[torch.Tensor]:
@@ -183,13 +188,16 @@ class Tracked:
             if t is None:
                 raise ModelChangedError("EMA: " + missing.format(e.name))
             out.append(t)
-        self._check_slots(out, mods)
+        self._check_slots(out, mods, tracked=model is self.module)
         return out
 
-    def _check_slots(self, out: list[torch.Tensor], mods: dict) -> None:
+    def _check_slots(self, out: list[torch.Tensor], mods: dict, tracked: bool) -> None:
+        """Ties must be as they were, in any model read; frozen parameters must stay
+        frozen only in the tracked one (``trainable_only`` chose what is averaged: a read
+        into another model writes those tensors, whatever its requires_grad flags)."""
         if self.alias_slots or len(out) > 1:
             check_ties([e.name for e in self.entries], out, self.alias_slots, mods)
-        if self.frozen:
+        if self.frozen and tracked:
             check_frozen(self.frozen, mods)
 
     def frozen_tensors(self) -> list[torch.Tensor]:
@@ -248,7 +256,9 @@ class Tracked:
 
     def _explain_structure_change(self, model: nn.Module) -> None:
         """Raise naming what was added or removed; else accept the new tree (modules swapped)."""
-        now = {n for n, t in model.state_dict(keep_vars=True).items() if isinstance(t, torch.Tensor)}
+        with tensor_names_only():  # the names only: never ask an EMA registered in it
+            now = {n for n, t in model.state_dict(keep_vars=True).items()
+                   if isinstance(t, torch.Tensor)}
         added, removed = sorted(now - self._all_names), sorted(self._all_names - now)
         if added or removed:
             raise ModelChangedError("EMA: the model changed after the EMA was made: "

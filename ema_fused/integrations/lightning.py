@@ -24,7 +24,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
 from .. import migrate
-from ..ema import EMA, on_real_step
+from ..ema import EMA, on_real_step, order_before_steps
 from ._sharding import refuse_unsupported_sharding
 
 _RAW_KEY = "current_model_state"  # where the raw weights go when the average is exported
@@ -109,6 +109,9 @@ class EMACallback(Callback):
         if self.ema is None or self._module is not pl_module:
             self._make(pl_module)
         self._step_hooks = [on_real_step(opt, self._mark_step) for opt in trainer.optimizers]
+        # offloaded shadows (device="cpu"): the params' copy is waited for by the next
+        # optimizer step, not at the end of each update
+        self._step_hooks.append(order_before_steps(self.ema))
 
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
                            outputs: Any, batch: Any, batch_idx: int) -> None:

@@ -30,7 +30,7 @@ from typing import Any, Optional
 import torch
 from transformers import TrainerCallback
 
-from ..ema import EMA, on_real_step
+from ..ema import EMA, on_real_step, order_before_steps
 from ._sharding import has_dtensor, refuse_unsupported_sharding
 
 STATE_FILE = "ema_fused_state.pt"  # beside the model weights in each checkpoint-N folder
@@ -72,6 +72,7 @@ class EMACallback(TrainerCallback):
         self.ema: Optional[EMA] = None
         self._stepped = False  # the optimizer really stepped since the last update
         self._step_hook = None
+        self._fences = None  # offloaded shadows: the copy is waited for by the next step
         self._swap: Optional[contextlib.ExitStack] = None  # open while EMA weights are in
         self._window = None  # the forward pre-hook while an evaluation may run
 
@@ -83,6 +84,7 @@ class EMACallback(TrainerCallback):
             self.ema.load_state_dict(torch.load(self._resume_file(args, state),
                                                 map_location="cpu", weights_only=True))
         self._step_hook = on_real_step(optimizer, self._mark_step)
+        self._fences = order_before_steps(self.ema)
 
     def _mark_step(self) -> None:
         self._stepped = True
@@ -97,6 +99,9 @@ class EMACallback(TrainerCallback):
         if self._step_hook is not None:
             self._step_hook.remove()
             self._step_hook = None
+        if self._fences is not None:
+            self._fences.remove()
+            self._fences = None
         if self.copy_to_model_at_end and self.ema is not None and self.ema.decay is not None:
             self.ema.copy_to()
 

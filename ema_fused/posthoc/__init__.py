@@ -4,11 +4,15 @@ pass, snapshots taken during training, any other profile width synthesized after
     posthoc_ema.py   the PostHocEMA class
     profiles.py      the K profiles: one leader EMA updating every profile in one pass
     snapshots.py     snapshot payloads, in memory or as files
+    sharded_snapshots.py  sharded models' snapshots: local shards, one DCP folder each
     synthesis.py     a profile at any width, from the snapshots, through ema_weighted_sum_
+    streamed_synthesis.py  the same through ema_fused.averaging's streamed weighted sum:
+                     sharded snapshots, shard-local results, out= files
     solve.py         the EDM2 least-squares math (Algorithm 3), from the paper's equations
     state.py         PostHocEMA.state_dict / load_state_dict
 
-Builds on ``ema_fused.ema`` (each profile is an ``EMA``) and the op layer.
+Builds on ``ema_fused.ema`` (each profile is an ``EMA``), the op layer, and
+``ema_fused.averaging`` (its streamed weighted sum and DCP helpers).
 """
 from . import solve
 from .posthoc_ema import PostHocEMA, Profile

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from pathlib import Path
 from typing import Iterator, NamedTuple, Optional, Sequence, Union
 
@@ -18,8 +19,9 @@ import torch
 from torch import nn
 
 from ..checks import FLOAT_DTYPES, as_int
-from ..ema import EMA
+from ..ema import EMA, serialized
 from . import profiles as _profiles
+from . import sharded_snapshots as _sharded
 from . import snapshots as _snaps
 from . import state as _state
 from . import synthesis as _synthesis
@@ -126,6 +128,37 @@ class PostHocEMA:
         self.profiles = tuple(Profile(p.sigma_rel, p.gamma) for p in schedules)
         self._schedule = schedules[0]
         self._snapshots: list[tuple[int, Union[Path, dict]]] = []  # (step, file or payload)
+        self._lock = threading.RLock()
+        self._share_lock()
+
+    # ------------------------------------------------------------------ one lock, one guard
+    def _share_lock(self) -> None:
+        """One re-entrant lock for the whole object: every public method of this class and
+        of each profile takes it, so a call runs across all K profiles with no other
+        thread in between (an update writes every profile, a block swaps one)."""
+        for ema in self._emas:
+            ema._lock = self._lock
+
+    def _guard(self, what: str, reads_shadows: bool = False,
+               profiles: Optional[Sequence[EMA]] = None) -> None:
+        """EMA's guard over ``profiles`` (default: all K): while a thread is inside
+        :meth:`average_parameters` of any profile, what would change a shadow or the model
+        is refused, and so is a read of the swapped profile's shadows (swap path)."""
+        for ema in self._emas if profiles is None else profiles:
+            ema._guard(what, reads_shadows, owner="PostHocEMA")
+
+    def __getstate__(self) -> dict:
+        """For ``copy.deepcopy`` and ``pickle``: the lock is left out and made again."""
+        with self._lock:
+            self._guard("__getstate__ (deepcopy/pickle)")
+            state = dict(self.__dict__)
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
+        self._share_lock()
 
     # ------------------------------------------------------------------ read-only facts
     @property
@@ -161,32 +194,48 @@ class PostHocEMA:
         return self._emas[k]
 
     # ------------------------------------------------------------------ training
+    @serialized
     def update(self, step: Optional[int] = None) -> None:
         """Advance every profile in one pass; step rules as :meth:`ema_fused.EMA.update`.
         Takes a snapshot afterwards when the step crossed a multiple of ``snapshot_every``."""
-        for ema in self._emas:
-            ema._guard("update")
+        self._guard("update")
         before = self.num_updates
         self._leader.update(step)
         now = self.num_updates
         every = self.snapshot_every
         if every is not None and now // every > before // every \
                 and self._schedule.averages_at(now) >= 1:
-            self.snapshot()
+            self._snapshot(None)
 
+    @serialized
     def named_shadows(self, k: int) -> dict[str, torch.Tensor]:
         """Profile ``k``'s shadows by name (every tracked name, tied ones too); the live
-        tensors, not copies."""
-        return dict(self._profile(k).named_shadows())
+        tensors, not copies.  Refused while profile ``k`` is swapped into the model."""
+        ema = self._profile(k)
+        self._guard("named_shadows", reads_shadows=True, profiles=[ema])
+        return dict(ema.named_shadows())
 
+    @serialized
     def copy_to(self, k: int, model: Optional[nn.Module] = None) -> None:
         """Write profile ``k``'s average into ``model`` (default: the tracked model)."""
-        self._profile(k).copy_to(model)
+        ema = self._profile(k)
+        self._guard("copy_to")
+        ema.copy_to(model)
 
     @contextlib.contextmanager
     def average_parameters(self, k: int, model: Optional[nn.Module] = None) -> Iterator[None]:
-        """Evaluate with profile ``k``'s average inside the block (``EMA.average_parameters``)."""
-        with self._profile(k).average_parameters(model):
+        """Evaluate with profile ``k``'s average inside the block (``EMA.average_parameters``).
+
+        Inside it, from any thread, what would change a profile or the model is refused
+        (``update``, ``copy_to``, ``synthesize_to``, ``load_state_dict``, a second block of
+        any profile), and on the swap path (shadows of the model's dtypes and devices) so
+        are the reads of profile ``k``'s shadows, which hold the model's weights then
+        (``snapshot``, ``state_dict``, ``named_shadows(k)``)."""
+        ema = self._profile(k)
+        with contextlib.ExitStack() as block:
+            with self._lock:
+                self._guard("average_parameters")
+                block.enter_context(ema.average_parameters(model))
             yield
 
     # ------------------------------------------------------------------ snapshots
@@ -195,8 +244,14 @@ class PostHocEMA:
         copied tensors as they are), labelled with the step of the last update.
 
         ``step``, if given, must be that step (a check that the caller's count agrees).
-        Written to ``snapshot_dir`` (returns the file) or kept in memory (returns None);
-        a second snapshot of the same step replaces the first."""
+        Written to ``snapshot_dir`` (returns the file, or for a sharded model the DCP
+        folder every rank wrote its shards into: every rank must call it) or kept in
+        memory (returns None); a second snapshot of the same step replaces the first."""
+        with self._lock:
+            self._guard("snapshot", reads_shadows=True)
+            return self._snapshot(step)
+
+    def _snapshot(self, step: Optional[int]) -> Optional[Path]:
         now = self.num_updates
         if step is not None and as_int("PostHocEMA.snapshot: step", step, 0) != now:
             raise ValueError(f"PostHocEMA.snapshot: step {step} is not the step of the last "
@@ -206,10 +261,8 @@ class PostHocEMA:
             raise ValueError(f"PostHocEMA.snapshot: no profile has averaged yet (step {now}, "
                              f"update_after_step={self._schedule.update_after_step}); "
                              "call update() first")
-        payload = _snaps.build(self._emas, now, t, self.snapshot_dtype, self._meta())
-        where: Union[Path, dict] = payload
-        if self.snapshot_dir is not None:
-            where = _snaps.write(payload, self.snapshot_dir)
+        where = _snaps.take(self._emas, now, t, self.snapshot_dtype, self._meta(),
+                            self.snapshot_dir)
         self._snapshots = [s for s in self._snapshots if s[0] != now] + [(now, where)]
         return where if isinstance(where, Path) else None
 
@@ -224,41 +277,52 @@ class PostHocEMA:
         synthesized from this run's snapshots with a step ``<= step`` (EDM2 Algorithm 3,
         coefficients normalised to sum 1).  Returns name -> CPU tensor (fp32 for averaged
         tensors; copied ones from the latest snapshot used), for ``model.load_state_dict``
-        or :meth:`synthesize_to`."""
+        or :meth:`synthesize_to`.  On a sharded model, each rank reads only its own
+        shards of the snapshots and gets DTensors laid out like the model's."""
         step = None if step is None else as_int("PostHocEMA.synthesize: step", step, 0)
         # the sums run on the CPU, where the training backend (e.g. "cuda") may not
-        return _synthesis.synthesize([w for _, w in self._snapshots], sigma_rel, step)
+        return _synthesis.synthesize([w for _, w in self._snapshots], sigma_rel, step,
+                                     targets=_sharded.targets(self._emas))
 
     def synthesize_to(self, model: Union[nn.Module, Sequence[torch.Tensor]], sigma_rel: float,
                       step: Optional[int] = None) -> None:
         """:meth:`synthesize`, written into ``model`` (cast to its dtypes, on its devices):
-        any model whose tensors sit at the tracked model's paths."""
-        weights = self.synthesize(sigma_rel, step)
-        targets = self._leader._tracked.read(model)
-        with torch.no_grad():
-            for e, t in zip(self._leader._tracked.entries, targets):
-                t.copy_(weights[e.name])
+        any model whose tensors sit at the tracked model's paths.  Refused, like
+        :meth:`copy_to`, while a thread is inside :meth:`average_parameters`."""
+        weights = self.synthesize(sigma_rel, step)  # reads snapshots only: no lock held
+        with self._lock:
+            self._guard("synthesize_to")
+            targets = self._leader._tracked.read(model)
+            with torch.no_grad():
+                for e, t in zip(self._leader._tracked.entries, targets):
+                    _sharded.copy_into(e.name, t, weights[e.name])
 
     @classmethod
     def synthesize_from(cls, snapshot_dir: Union[str, os.PathLike], sigma_rel: float,
-                        step: Optional[int] = None) -> dict[str, torch.Tensor]:
-        """:meth:`synthesize` after training, from the snapshot files in ``snapshot_dir``
-        alone (no model, no PostHocEMA): every ``phema-*.pt`` there with a step ``<= step``."""
+                        step: Optional[int] = None, *,
+                        out: Optional[Union[str, os.PathLike]] = None
+                        ) -> Optional[dict[str, torch.Tensor]]:
+        """:meth:`synthesize` after training, from the snapshots in ``snapshot_dir`` alone
+        (no model, no PostHocEMA): every ``phema-*.pt`` file and complete ``phema-*/``
+        folder (sharded snapshots, written by any number of ranks) there with a step
+        ``<= step``, in this process; full tensors, streamed one tensor at a time.
+        ``out``: a ``.safetensors`` file (or a directory, for a DCP checkpoint) written
+        a tensor at a time instead of returning the dict (returns None)."""
         step = None if step is None else as_int("PostHocEMA.synthesize_from: step", step, 0)
-        return _synthesis.synthesize(_snaps.list_dir(snapshot_dir), sigma_rel, step)
+        return _synthesis.synthesize(_snaps.list_dir(snapshot_dir), sigma_rel, step, out=out)
 
     # ------------------------------------------------------------------ checkpoints
+    @serialized
     def state_dict(self) -> dict:
         """Every profile's EMA state, the snapshot bookkeeping (file names, or the
         in-memory snapshots themselves) and the settings; loads with
         ``torch.load(weights_only=True)``."""
-        for ema in self._emas:
-            ema._guard("state_dict", reads_shadows=True)
+        self._guard("state_dict", reads_shadows=True)
         return _state.state_of(self)
 
+    @serialized
     def load_state_dict(self, state_dict: dict, strict: bool = True) -> None:
         """Resume from :meth:`state_dict`: everything is checked (settings, every
         profile's tensors, snapshot files present) before anything changes."""
-        for ema in self._emas:
-            ema._guard("load_state_dict")
+        self._guard("load_state_dict")
         _state.load_into(self, state_dict, strict)

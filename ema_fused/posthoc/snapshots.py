@@ -11,7 +11,10 @@ A snapshot is a plain dict (``torch.load(weights_only=True)`` reads it)::
 
 On disk it is one file per snapshot, ``phema-<step>.pt``, written to a temporary file
 in the same folder and renamed over the final name, so that a crash never leaves a
-half-written snapshot under a name :func:`list_dir` would read.
+half-written snapshot under a name :func:`list_dir` would read.  Sharded models'
+snapshots (:mod:`.sharded_snapshots`) hold DTensors in memory, and on disk are DCP
+folders ``phema-<step>/``, whose record (:func:`load`) has every field above but the
+tensors.
 """
 from __future__ import annotations
 
@@ -23,12 +26,13 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .. import distributed as _distributed
+from . import sharded_snapshots as _sharded
 
 FORMAT = "ema_fused.PostHocEMA.snapshot"
 VERSION = 1
 _NAME = re.compile(r"^phema-(\d+)\.pt$")
 Snapshot = dict
-Source = Union[Snapshot, Path]  # in memory, or a file
+Source = Union[Snapshot, Path]  # in memory, or a file or a DCP folder
 
 
 def file_name(step: int) -> str:
@@ -36,21 +40,38 @@ def file_name(step: int) -> str:
     return f"phema-{step:010d}.pt"
 
 
+def _aliases(tracked) -> dict[str, str]:
+    return {name: tracked.entries[i].name for name, i in tracked.aliases.items()
+            if name != tracked.entries[i].name}
+
+
+def take(profiles: Sequence, step: int, t: int, dtype: torch.dtype, meta: dict,
+         folder: Optional[Path]) -> Union[Snapshot, Path]:
+    """The snapshot of ``profiles`` at ``step``: written into ``folder`` (returns where)
+    or, without one, the payload kept in memory."""
+    if not _sharded.is_sharded(profiles):
+        payload = build(profiles, step, t, dtype, meta)
+        return payload if folder is None else write(payload, folder)
+    averaged, copied = _sharded.local_copies(profiles, dtype)
+    record = {"step": step, "t": t, **meta, "aliases": _aliases(profiles[0]._tracked)}
+    if folder is not None:
+        return _sharded.write(averaged, copied, {**record, "snapshot_dtype": str(dtype)},
+                              folder)
+    return {"format": FORMAT, "version": VERSION, **record, "profiles": averaged,
+            "copied": copied}
+
+
 def build(profiles: Sequence, step: int, t: int, dtype: torch.dtype, meta: dict) -> Snapshot:
-    """The snapshot of ``profiles`` (EMA objects of one tracked model) at ``step``: CPU
-    copies, averaged tensors in ``dtype``.  Raises naming the tensor, before anything is
-    written, if a shadow is sharded (not supported yet) or finite but out of ``dtype``'s
-    range (float16 overflows past 65504)."""
+    """The snapshot of ``profiles`` (EMA objects of one tracked, unsharded model) at
+    ``step``: CPU copies, averaged tensors in ``dtype``.  Raises naming the tensor,
+    before anything is written, if a shadow is finite but out of ``dtype``'s range
+    (float16 overflows past 65504)."""
     tracked = profiles[0]._tracked
     entries = tracked.entries
     out: list[dict] = []
     for k, ema in enumerate(profiles):
         shadows = {}
         for e, s in zip(entries, ema._shadows):
-            if _distributed.is_dtensor(s):
-                raise NotImplementedError(
-                    f"PostHocEMA.snapshot: shadow {e.name!r} is a DTensor (sharded model); "
-                    "snapshots of sharded models are not supported yet")
             if not e.averaged:
                 continue
             c = s.detach().to("cpu", dtype, copy=True)
@@ -63,10 +84,8 @@ def build(profiles: Sequence, step: int, t: int, dtype: torch.dtype, meta: dict)
         out.append(shadows)
     copied = {e.name: s.detach().to("cpu", copy=True)
               for e, s in zip(entries, profiles[0]._shadows) if not e.averaged}
-    aliases = {name: entries[i].name for name, i in tracked.aliases.items()
-               if name != entries[i].name}
     return {"format": FORMAT, "version": VERSION, "step": step, "t": t, **meta,
-            "profiles": out, "copied": copied, "aliases": aliases}
+            "profiles": out, "copied": copied, "aliases": _aliases(tracked)}
 
 
 def write(snapshot: Snapshot, folder: Path) -> Path:
@@ -87,30 +106,41 @@ def write(snapshot: Snapshot, folder: Path) -> Path:
 
 
 def load(source: Source) -> Snapshot:
-    """A snapshot from memory, or from its file (memory-mapped: tensors are read when
-    used), checked to be one."""
+    """A snapshot from memory, from its file (memory-mapped: tensors are read when
+    used), or a sharded snapshot folder's record (no tensors), checked to be one."""
     if isinstance(source, dict):
         return source
-    try:
-        snap = torch.load(source, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as err:
-        raise ValueError(f"PostHocEMA: cannot read snapshot {str(source)!r}: {err}") from err
-    if not isinstance(snap, dict) or snap.get("format") != FORMAT:
+    if Path(source).is_dir():
+        snap, form, version = _sharded.read_record(source), _sharded.FORMAT, _sharded.VERSION
+    else:
+        try:
+            snap = torch.load(source, map_location="cpu", mmap=True, weights_only=True)
+        except Exception as err:
+            raise ValueError(f"PostHocEMA: cannot read snapshot {str(source)!r}: {err}") from err
+        form, version = FORMAT, VERSION
+    if not isinstance(snap, dict) or snap.get("format") != form:
         raise ValueError(f"PostHocEMA: {str(source)!r} is not a PostHocEMA snapshot")
-    if snap.get("version") != VERSION:
+    if snap.get("version") != version:
         raise ValueError(f"PostHocEMA: snapshot {str(source)!r} has version "
-                         f"{snap.get('version')}; this ema_fused reads {VERSION}")
+                         f"{snap.get('version')}; this ema_fused reads {version}")
     return snap
 
 
 def list_dir(folder: Union[str, os.PathLike]) -> list[Path]:
-    """The snapshot files in ``folder``, by step."""
+    """The snapshot files and complete sharded snapshot folders in ``folder``, by step
+    (a folder cut off while being written is skipped with a warning)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"PostHocEMA: snapshot_dir {str(folder)!r} is not a folder")
     found = [(int(m.group(1)), folder / n) for n in os.listdir(folder)
              if (m := _NAME.match(n)) is not None]
-    return [p for _, p in sorted(found)]
+    return [p for _, p in sorted(found + _sharded.scan(folder))]
+
+
+def holds_tensors(snap: Snapshot) -> bool:
+    """Whether ``snap`` holds its tensors (not a sharded folder's record), all plain."""
+    return "profiles" in snap and not any(
+        _distributed.is_dtensor(t) for shadows in snap["profiles"] for t in shadows.values())
 
 
 def where(source: Source) -> str:
@@ -120,13 +150,15 @@ def where(source: Source) -> str:
 
 def check_like(first: Snapshot, snap: Snapshot, label: str) -> None:
     """Raise unless ``snap`` holds the tensors ``first`` does (names, shapes, profiles)."""
-    if len(snap["profiles"]) != len(snap["gammas"]):
+    if "profiles" in snap and len(snap["profiles"]) != len(snap["gammas"]):
         raise ValueError(f"PostHocEMA: snapshot {label} has {len(snap['profiles'])} profiles "
                          f"but {len(snap['gammas'])} gammas")
     for key in ("update_every", "update_after_step"):
         if snap[key] != first[key]:
             raise ValueError(f"PostHocEMA: snapshot {label} was taken with {key}="
                              f"{snap[key]}, the others with {first[key]}")
+    if "profiles" not in first or "profiles" not in snap:
+        return  # a sharded folder: its tensors are checked as they are opened
     ref = first["profiles"][0]
     for k, shadows in enumerate(snap["profiles"]):
         if shadows.keys() != ref.keys():

@@ -8,6 +8,7 @@ from typing import Mapping
 
 from ..checks import as_int
 from ..ema import checkpoint as _checkpoint
+from . import sharded_snapshots as _sharded
 from . import snapshots as _snaps
 
 FORMAT = "ema_fused.PostHocEMA"
@@ -29,28 +30,8 @@ def state_of(phema) -> dict:
 
 
 def _check_profile(ema, state: object, strict: bool) -> None:
-    """The checks ``EMA.load_state_dict`` runs before it writes (``_checkpoint.load_into``)."""
-    if not isinstance(state, Mapping) or state.get("format") != _checkpoint.FORMAT:
-        raise ValueError("not an ema_fused EMA state_dict")
-    if state.get("version") != _checkpoint.VERSION:
-        raise ValueError(f"version {state.get('version')} is not supported")
-    _checkpoint.counters_of(state)
-    _checkpoint.seed_after_load(ema, state)
-    if state["bias_correction"] != ema.bias_correction:
-        raise ValueError(f"bias_correction={state['bias_correction']}, this EMA "
-                         f"{ema.bias_correction}")
-    theirs = state.get("shadows")
-    if not isinstance(theirs, Mapping):
-        raise TypeError("'shadows' must be a mapping of names to tensors")
-    names = [e.name for e in ema._tracked.entries]
-    pairs, missing, unexpected = _checkpoint.match_keys(names, theirs)
-    if strict and (missing or unexpected):
-        raise KeyError(f"missing keys {missing}, unexpected keys {unexpected}")
-    index = {n: i for i, n in enumerate(names)}
-    for name, key in pairs.items():
-        dst = ema._shadows[index[name]]
-        _checkpoint.check_tensor(name, theirs[key], dst)
-        _checkpoint.local_source(name, theirs[key], dst)
+    """The checks ``EMA.load_state_dict`` runs before it writes, writing nothing."""
+    _checkpoint.checked(ema, state, strict)
 
 
 def _snapshot_list(phema, entries: object) -> list:
@@ -74,7 +55,7 @@ def _snapshot_list(phema, entries: object) -> list:
                              f"files (the first: {entry['file']!r}) but this PostHocEMA has "
                              "no snapshot_dir; pass the folder that holds them")
         path = phema.snapshot_dir / Path(str(entry["file"])).name
-        if not path.is_file():
+        if not (path.is_file() or _sharded.is_complete(path)):
             raise FileNotFoundError(f"PostHocEMA.load_state_dict: snapshot file {str(path)!r} "
                                     f"(step {step}) is missing")
         out.append((step, path))

@@ -3,17 +3,19 @@
 The coefficients come from :func:`ema_fused.posthoc.solve.solve_coefficients` (Algorithm 3,
 normalised to sum 1) over every (snapshot, profile) pair up to the target step; the sum
 is streamed, one snapshot in memory at a time (files are memory-mapped), into fp32
-accumulators, so peak memory is the output plus one snapshot.
+accumulators, so peak memory is the output plus one snapshot.  Sharded snapshots,
+shard-local results (``targets``) and ``out=`` go through :mod:`.streamed_synthesis`.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 
 from ..ops import ema_weighted_sum_
 from ..schedules import sigma_rel_to_gamma
 from . import snapshots as snaps
+from . import streamed_synthesis as _streamed
 from .solve import solve_coefficients
 
 
@@ -26,16 +28,20 @@ def coefficients(chosen: Sequence[dict], gamma: float, target: int) -> torch.Ten
 
 
 def synthesize(sources: Sequence[snaps.Source], sigma_rel: float, step: Optional[int],
-               backend: str = "auto") -> dict[str, torch.Tensor]:
+               backend: str = "auto", *, targets: Optional[Mapping[str, torch.Tensor]] = None,
+               out=None) -> Optional[dict[str, torch.Tensor]]:
     """The synthesized weights (name -> CPU tensor) for profile ``sigma_rel`` at ``step``
     (default: the last snapshot's), from the snapshots ``sources`` with a step ``<=``
     ``step``.  Averaged tensors are fp32; copied ones (integers, ``buffers="copy"``) are
-    the latest chosen snapshot's; tied names are included."""
+    the latest chosen snapshot's; tied names are included.  ``targets``: each rank's
+    shards only, as DTensors laid out like them; ``out``: written there (returns None)."""
     gamma = sigma_rel_to_gamma(sigma_rel)
     picked, chosen, target = snaps.pick(sources, step)
     for src, snap in zip(picked, chosen):
         snaps.check_like(chosen[0], snap, snaps.where(src))
     coeffs = coefficients(chosen, gamma, target).tolist()
+    if targets is not None or out is not None or not all(map(snaps.holds_tensors, chosen)):
+        return _streamed.synthesize(picked, chosen, coeffs, targets=targets, out=out)
     names = list(chosen[0]["profiles"][0])
     out = [torch.zeros(chosen[0]["profiles"][0][n].shape, dtype=torch.float32) for n in names]
     del chosen  # drop the mappings: one snapshot at a time below

@@ -13,8 +13,9 @@ import torch
 
 import ema_fused
 from ema_fused import average_checkpoints
-from ema_fused.averaging import average as _averaging
+from ema_fused.averaging import engine as _engine
 
+from helpers.averaging import assert_close_to, reference
 from helpers.numerics import rand, seeded
 from helpers.paths import ROOT
 
@@ -31,22 +32,6 @@ def make_state(gen, j: int, dtype=None, prefix: str = "") -> dict:
     sd[prefix + "bn.num_batches_tracked"] = torch.tensor(100 * (j + 1))
     sd[prefix + "mask"] = torch.rand(5, generator=gen) > 0.5
     return sd
-
-
-def reference(states: list[dict], coeffs: list[float]) -> dict:
-    """sum_j c_j * x_j in float64 for every floating tensor (states have plain names)."""
-    return {n: sum(c * s[n].double() for s, c in zip(states, coeffs))
-            for n, t in states[0].items() if t.is_floating_point()}
-
-
-def assert_close_to(result: dict, exact: dict, states: list[dict], coeffs: list[float]):
-    """fp32 accumulation: each of the k additions rounds once (twice without an FMA)."""
-    k = len(states)
-    for n, e in exact.items():
-        mags = sum(abs(c) * s[n].double().abs() for s, c in zip(states, coeffs))
-        err = (result[n].double() - e).abs()
-        assert result[n].dtype == torch.float32 and result[n].shape == e.shape
-        assert bool((err <= 2 * k * 2 ** -24 * mags + 1e-38).all()), (n, float(err.max()))
 
 
 def save(tmp_path, name: str, obj) -> str:
@@ -138,7 +123,7 @@ def test_strict_lists_every_missing_and_unexpected_name_before_averaging(tmp_pat
     del two["module.head.weight"]
     two["module.extra.b"], two["module.extra.c"] = torch.ones(1), torch.ones(2)
     calls = []
-    monkeypatch.setattr(_averaging, "ema_weighted_sum_", lambda *a: calls.append(a))
+    monkeypatch.setattr(_engine, "ema_weighted_sum_", lambda *a: calls.append(a))
     with pytest.raises(KeyError) as info:
         average_checkpoints([base, save(tmp_path, "one.pt", one), two])
     text = info.value.args[0]
@@ -268,3 +253,14 @@ def test_peak_memory_of_seven_sources_is_the_output_plus_one_source(tmp_path):
     naive = _peak(paths, "naive")
     assert naive >= 7 * size  # the measurement sees the mapped checkpoints
     assert ours <= 2 * size + (16 << 20), (ours / 2**20, naive / 2**20)  # output + one source
+
+
+def test_a_legacy_file_with_float8_names_the_source(tmp_path):
+    """torch cannot read float8 tensors back from its legacy (non-zip) format: the error
+    names the source and the fix, not torch's raw AttributeError (issue 20, item 8)."""
+    legacy = str(tmp_path / "legacy8.pt")
+    torch.save({"w": torch.ones(3).to(torch.float8_e4m3fn)}, legacy,
+               _use_new_zipfile_serialization=False)
+    with pytest.raises(RuntimeError, match=r"source 1 \('.*legacy8.pt'\).*legacy \(non-zip\) "
+                                           r"format.*float8.*re-save"):
+        average_checkpoints([{"w": torch.ones(3).to(torch.float8_e4m3fn)}, legacy])

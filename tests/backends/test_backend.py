@@ -107,3 +107,19 @@ def test_loading_the_extension_imports_no_cpp_extension():
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
     assert "No CUDA runtime" not in out.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_a_driver_gets_a_clean_answer():
+    """No driver: available_backends("cuda") says so for every backend, and an EMA asked
+    for device="cuda" says so too, not torch's raw error (issue 20, item 8)."""
+    info = available_backends("cuda")
+    assert not any(usable for usable, _ in info.values())
+    for usable, reason in info.values():
+        assert "torch.cuda.is_available() is False" in reason
+    for name in ("auto", "cuda", "triton"):
+        with pytest.raises(BackendUnavailableError, match="torch.cuda.is_available"):
+            _backend.select(name, torch.device("cuda"))
+    with pytest.raises(RuntimeError, match=r"EMA: device='cuda'.*torch.cuda.is_available\(\) "
+                                           r"is False"):
+        EMA([torch.zeros(3)], device="cuda")

@@ -94,3 +94,89 @@ def test_bad_extra_state_and_forward_are_refused():
         owner.ema_state.set_extra_state([1, 2])
     with pytest.raises(RuntimeError, match="only carries"):
         owner.ema_state(torch.zeros(1))
+
+
+# ---------------------------------------------------------------- the EMA in its own model
+# transformers, Lightning and accelerate import torch.distributed.tensor; with it imported
+# an EMA looks for sharding before handing out its state (issue 20, item 6)
+import torch.distributed.tensor  # noqa: E402,F401
+
+
+class _Tracks(nn.Module):
+    """A model whose own EMA is registered in it (``m.ema_state = EMA(m).as_module()``)."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.a, self.bn, self.b = nn.Linear(6, 10), nn.BatchNorm1d(10), nn.Linear(10, 2)
+        self.ema_state = EMA(self, decay=0.8).as_module()
+
+    def forward(self, x):
+        return self.b(self.bn(self.a(x)))
+
+
+def _self_tracking(seed: int = 0):
+    return _Tracks(seed)
+
+
+def test_an_ema_registered_in_the_model_it_tracks():
+    """m.ema_state = EMA(m).as_module(): update() and m.state_dict() work (no recursion),
+    the EMA tracks the model's tensors only, and m's checkpoint restores it."""
+    model = _self_tracking()
+    ema = model.ema_state.ema
+    names = sorted(n for n, _ in ema.named_shadows())
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=gen))
+        model(torch.randn(4, 6, generator=gen))
+        ema.update()
+    state = model.state_dict()
+    assert sorted(k for k in state if k != "ema_state._extra_state") == names
+    assert sorted(state["ema_state._extra_state"]["shadows"]) == names
+    second = EMA(model, decay=0.5)  # made while the first EMA is registered in the model
+    assert sorted(n for n, _ in second.named_shadows()) == names
+    second.update()
+    fresh = _self_tracking(seed=5)
+    fresh.load_state_dict(state)
+    assert fresh.ema_state.ema.num_updates == 3
+    for (n, a), (_, b) in zip(ema.named_shadows(), fresh.ema_state.ema.named_shadows()):
+        assert torch.equal(a, b), n
+    fresh.ema_state.ema.update()
+    with fresh.ema_state.ema.average_parameters():
+        fresh(torch.zeros(2, 6))
+
+
+def _corrupted(state: dict) -> dict:
+    """``state`` with new model weights and an EMA part the EMA refuses (a wrong shape)."""
+    bad = {k: (v + 1.0 if v.is_floating_point() else v) if isinstance(v, torch.Tensor) else v
+           for k, v in state.items()}
+    key = next(k for k in bad if k.endswith("_extra_state"))
+    ema_part = dict(bad[key])
+    shadows = dict(ema_part["shadows"])
+    first = next(iter(shadows))
+    shadows[first] = torch.zeros(3, 3)
+    ema_part["shadows"] = shadows
+    bad[key] = ema_part
+    return bad
+
+
+@pytest.mark.parametrize("layout", ["ema of the owner", "ema of a child", "a deepcopy"])
+def test_owner_load_is_all_or_nothing_when_the_ema_refuses_its_part(layout):
+    """The owner's load_state_dict checks the EMA's part before any weight is copied: a
+    refused EMA part leaves the owner's weights and the EMA as they were."""
+    owner = {"ema of the owner": _self_tracking, "ema of a child": Owner,
+             "a deepcopy": lambda: copy.deepcopy(Owner())}[layout]()
+    ema = owner.ema_state.ema
+    ema.update()
+    weights = {k: v.clone() for k, v in owner.state_dict().items() if isinstance(v, torch.Tensor)}
+    before = {n: s.clone() for n, s in ema.named_shadows()}
+    with pytest.raises(ValueError, match=r"holds \(3, 3\)"):
+        owner.load_state_dict(_corrupted(owner.state_dict()))
+    for k, v in owner.state_dict().items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(v, weights[k]), f"{k} was overwritten"
+    assert ema.num_updates == 1
+    for n, s in ema.named_shadows():
+        assert torch.equal(s, before[n]), n

@@ -134,3 +134,24 @@ def test_attach_does_not_keep_the_ema_alive():
     gc.collect()
     assert alive() is None
     _train(model, opt, 1)  # the hook finds no EMA and does nothing
+
+
+def test_attaching_one_ema_to_a_second_optimizer_is_refused():
+    """Two optimizers stepping in one iteration (e.g. one per parameter group kind) would
+    update an EMA attached to both twice per iteration: the second attach is refused
+    until the first is removed (issue 20, item 8)."""
+    model = _model()
+    first = torch.optim.SGD(model[0].parameters(), lr=0.1)
+    second = torch.optim.SGD(model[3].parameters(), lr=0.1)
+    ema = EMA(model)
+    handle = ema.attach(first)
+    with pytest.raises(RuntimeError, match=r"already attached to another optimizer \(SGD\).*"
+                                           r"twice per iteration"):
+        ema.attach(second)
+    other = EMA(model)
+    with other.attach(second):  # another EMA may use it
+        pass
+    handle.remove()
+    with ema.attach(second):
+        _train(model, second, 1)
+    assert ema.num_updates == 1

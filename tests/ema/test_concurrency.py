@@ -306,3 +306,29 @@ def test_deepcopy_inside_average_parameters_is_refused():
     with ema.average_parameters():
         with pytest.raises(RuntimeError, match="average_parameters"):
             copy.deepcopy(ema)
+
+
+def test_a_bare_deepcopy_tracks_a_private_copy_of_the_model():
+    """Documented (README, "Copies and pickling"): copy.deepcopy(ema) copies the model it
+    tracks, so the copy averages that private model, not the one that trains; a
+    state_dict carries an average over to an EMA of the live model."""
+    model, ema = _doubled_and_updated(torch.float32)
+    twin = copy.deepcopy(ema)
+    private = twin._tracked.module
+    assert private is not model
+    before = {n: s.clone() for n, s in ema.named_shadows()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    twin.update()
+    private_weights, live = private.state_dict(), model.state_dict()
+    for name, s in twin.named_shadows():  # decay 0.5 towards the private weights
+        expected = before[name] + 0.5 * (private_weights[name] - before[name])
+        torch.testing.assert_close(s, expected, rtol=0, atol=1e-6, msg=name)
+        assert not torch.allclose(s, before[name] + 0.5 * (live[name] - before[name])), name
+    follow = EMA(model, decay=0.5)
+    follow.load_state_dict(ema.state_dict())
+    follow.update()
+    ema.update()
+    for (name, a), (_, b) in zip(follow.named_shadows(), ema.named_shadows()):
+        assert torch.equal(a, b), name

@@ -161,3 +161,60 @@ def test_trainable_only_on_a_list_of_tensors(check_mode):
     b.requires_grad_(True)
     with pytest.raises(ModelChangedError, match=r"parameter '1' had requires_grad=False"):
         ema.update()
+
+
+def _fine_tuned():
+    """A model with a frozen first layer, and a fresh copy of it whose parameters all
+    require grad (as a newly built model's do)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+    model[0].requires_grad_(False)
+    torch.manual_seed(1)
+    fresh = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+    return model, fresh
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_trainable_only_reads_into_another_model_whose_params_all_train(check_mode, backend):
+    """trainable_only selects what is averaged; copy_to(other), average_parameters(other)
+    and store/restore(other) write those tensors into another model, whatever its
+    requires_grad flags, and leave the rest of it alone (issue 20, item 7)."""
+    model, fresh = _fine_tuned()
+    ema = _ema(check_mode, model, decay=0.5, backend=backend, trainable_only=True)
+    with torch.no_grad():
+        model[2].weight.add_(1.0)
+    ema.update()
+    shadows = {n: s.clone() for n, s in ema.named_shadows()}
+    untouched = fresh[0].weight.detach().clone()
+    raw = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with ema.average_parameters(fresh):
+        assert torch.equal(fresh[2].weight, shadows["2.weight"])
+        assert torch.equal(fresh[0].weight, untouched)
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, raw[k]), k
+    ema.copy_to(fresh)
+    for name, t in fresh.state_dict().items():
+        expected = untouched if name == "0.weight" else (
+            raw[name] if name == "0.bias" else shadows[name])
+        assert torch.equal(t, expected), name
+    # the tracked model itself still may not change what it froze
+    model[0].weight.requires_grad_(True)
+    with pytest.raises(ModelChangedError, match=r"parameter '0.weight' had requires_grad=False"):
+        ema.copy_to()
+
+
+def test_trainable_only_list_reads_into_another_list():
+    a, b = nn.Parameter(torch.ones(3)), torch.zeros(3)  # b: requires_grad=False
+    ema = EMA([a, b], decay=0.5, trainable_only=True)
+    other = [nn.Parameter(torch.full((3,), 7.0)), nn.Parameter(torch.full((3,), 9.0))]
+    ema.copy_to(other)
+    assert other[0].tolist() == [1.0] * 3 and other[1].tolist() == [9.0] * 3
+
+
+def test_an_all_frozen_model_with_trainable_only_says_so():
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1)).requires_grad_(False)
+    with pytest.raises(ValueError, match=r"nothing to average.*trainable_only=True left out "
+                                         r"4 parameters with requires_grad=False"):
+        EMA(model, trainable_only=True, buffers="ignore")
+    with pytest.raises(ValueError, match=r"trainable_only=True left out 2"):
+        EMA([torch.zeros(2), torch.ones(2)], trainable_only=True)

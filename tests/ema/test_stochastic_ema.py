@@ -217,3 +217,22 @@ def test_posthoc_profiles_in_bf16_are_k_stochastic_emas():
                        rounding="stochastic", backend="cpu")
     again.load_state_dict(state)
     assert [e.seed for e in again._emas] == [40, 41, 42]
+
+
+@pytest.mark.parametrize("non_blocking", [False, True])
+def test_host_shadows_and_cut_pieces_draw_the_bits_of_the_whole_tensor(monkeypatch, non_blocking):
+    """Shadows on the host (``device="cpu"``, the offload's pieces: a tensor cut into
+    slices keeps its position, each slice starts at its first element's index) give the
+    bits of an EMA beside the model, step for step."""
+    from ema_fused.ema import offload_layout
+    monkeypatch.setattr(offload_layout, "PIECE_BYTES", 256 << 10)  # cut the 300k tensor
+    gen = seeded("host", non_blocking)
+    model = [torch.randn(n, generator=gen).to(torch.bfloat16) for n in (5, 300001, 7000)]
+    kw = dict(decay=0.99, dtype=torch.bfloat16, rounding="stochastic", seed=21, backend="cpu")
+    beside = EMA(model, **kw)
+    host = EMA(model, device="cpu", non_blocking=non_blocking, **kw)
+    for step in _steps(model, gen, 4):
+        beside.update()
+        host.update()
+    host.wait()
+    assert all(torch.equal(a, b) for a, b in zip(_shadows(host), _shadows(beside)))

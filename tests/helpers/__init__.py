@@ -7,4 +7,5 @@
     dist_utils.py      multi-process (gloo) tests: spawn ranks with a deadline, sharded models
     posthoc_utils.py   PostHocEMA tests: a model with every kind of tensor, separate EMAs to compare
     csrc_tools.py      building the test-only C++/CUDA sources of tests/kernels/csrc/
+    gpu.py             GPU tests: a kernel backend that must run, a graph captured after a warm-up
 """

@@ -117,6 +117,24 @@ def test_validate_with_ema_false_uses_the_raw_weights():
     assert_state_equal(model.seen[0][1], cb.ema.averaged_weights())
 
 
+def test_offloaded_background_ema_orders_before_steps_and_matches_a_hand_replay():
+    """EMACallback(device="cpu", non_blocking=True): while fitting, the offload's stream
+    wait is placed before the optimizer steps (removed after), and the shadows are the
+    hand replay's, bit for bit."""
+    model = _model()
+    initial = snapshot(model)
+    cb, deferred = EMACallback(DECAY, device="cpu", non_blocking=True), []
+
+    class Watch(pl.Callback):
+        def on_train_batch_end(self, *args, **kwargs):
+            deferred.append(cb.ema._offload.deferred)
+
+    _trainer([cb, Watch()], max_epochs=1).fit(model, TRAIN, VAL)
+    assert deferred and set(deferred) == {1}
+    assert cb.ema._offload.deferred == 0
+    assert_same_shadows(cb.ema, replay(initial, model, model.recorder.states, decay=DECAY))
+
+
 @pytest.mark.parametrize("export", [False, True], ids=["plain", "export_ema_on_save"])
 def test_resume_is_bit_identical_and_export_loads_the_average(tmp_path, export):
     full = _model()

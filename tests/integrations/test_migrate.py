@@ -231,16 +231,74 @@ def test_missing_and_unexpected_names_are_listed():
     theirs.update()
     ours = EMA(run.model)  # also tracks the BatchNorm buffers, which torch_ema never has
     check = _untouched(ours)
+    # 7 shadows against the model's 6 parameters: matched by position, so refused
+    # whatever strict says (a shift would load every average after it into the wrong
+    # tensor); param_names names each entry, and then names are matched
+    for strict in (True, False):
+        with pytest.raises(ValueError, match=r"holds 7 shadows .* model has 6 parameters"):
+            migrate.load_peer_state_dict(ours, theirs.state_dict(), "torch_ema", strict=strict)
+    check()
+    names = [n for n, _ in run.model.named_parameters()] + ["extra"]
     with pytest.raises(KeyError, match=r"missing names \['1.running_mean', '1.running_var', "
                                        r"'1.num_batches_tracked'\], unexpected names "
-                                       r"\['shadow_params.6'\]"):
-        migrate.load_peer_state_dict(ours, theirs.state_dict(), "torch_ema")
+                                       r"\['extra'\]"):
+        migrate.load_peer_state_dict(ours, theirs.state_dict(), "torch_ema", param_names=names)
     check()
-    report = migrate.load_peer_state_dict(ours, theirs.state_dict(), "torch_ema", strict=False)
+    report = migrate.load_peer_state_dict(ours, theirs.state_dict(), "torch_ema", strict=False,
+                                          param_names=names)
     assert report.missing == ["1.running_mean", "1.running_var", "1.num_batches_tracked"]
-    assert report.unexpected == ["shadow_params.6"]
+    assert report.unexpected == ["extra"]
     assert report.step == ours.num_updates == 1
     assert torch.equal(shadows(ours)["3.bias"], theirs.shadow_params[5])
+
+
+def _partly_frozen_run() -> _Run:
+    """Three linear layers, the middle one frozen (a fine-tuning set-up)."""
+    run = _Run(12)
+    torch.manual_seed(12)
+    run.model = nn.Sequential(nn.Linear(7, 13), nn.Linear(13, 13), nn.Linear(13, 5))
+    run.model[1].requires_grad_(False)
+    run.opt = torch.optim.SGD([p for p in run.model.parameters() if p.requires_grad], lr=0.3)
+    return run
+
+
+def test_torch_ema_of_trainable_params_into_trainable_only():
+    """torch_ema's own recipe averages only the trainable parameters; its list goes into
+    EMA(trainable_only=True) by the same selection, and both continue alike."""
+    torch_ema = pytest.importorskip("torch_ema")
+    run = _partly_frozen_run()
+    theirs = torch_ema.ExponentialMovingAverage(
+        [p for p in run.model.parameters() if p.requires_grad], decay=0.7, use_num_updates=True)
+    for _ in range(BEFORE):
+        run.step()
+        theirs.update()
+    ours = EMA(run.model, schedule=num_updates_warmup(0.7), trainable_only=True)
+    report = migrate.load_peer_state_dict(ours, _saved(theirs.state_dict()), "torch_ema")
+    assert (report.step, report.missing, report.unexpected) == (BEFORE, [], [])
+    _continue(run, ours, lambda k: theirs.update(), BEFORE + 1)
+    names = ["0.weight", "0.bias", "2.weight", "2.bias"]
+    assert sorted(shadows(ours)) == sorted(names)
+    _compare(ours, dict(zip(names, theirs.shadow_params)))
+
+
+def test_torch_ema_of_trainable_params_into_an_all_params_ema_is_refused():
+    """The same list into an EMA of every parameter: four shadows for six parameters.
+    Matching by position would load layer 2's average into frozen layer 1's shadow, so
+    it is refused (strict or not), naming the fix, and nothing is written."""
+    torch_ema = pytest.importorskip("torch_ema")
+    run = _partly_frozen_run()
+    theirs = torch_ema.ExponentialMovingAverage(
+        [p for p in run.model.parameters() if p.requires_grad], decay=0.7)
+    run.step()
+    theirs.update()
+    ours = EMA(run.model)
+    check = _untouched(ours)
+    for strict in (True, False):
+        with pytest.raises(ValueError, match=r"holds 4 shadows .* model has 6 parameters.*"
+                                             r"trainable_only=True"):
+            migrate.load_peer_state_dict(ours, theirs.state_dict(), "torch_ema", step=1,
+                                         strict=strict)
+    check()
 
 
 def test_bad_requests_name_the_problem():

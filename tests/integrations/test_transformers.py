@@ -130,6 +130,25 @@ def test_ema_and_evaluations_match_a_hand_replay(tmp_path):
     assert_state_equal(snapshot(trainer.model), states[-1])
 
 
+def test_offloaded_background_ema_orders_before_steps_and_matches_a_hand_replay(tmp_path):
+    """EMACallback(device="cpu", non_blocking=True): during training the offload's stream
+    wait is placed before the optimizer steps (removed at the end), and the shadows are
+    the hand replay's, bit for bit."""
+    probe, cb = Probe(), EMACallback(DECAY, device="cpu", non_blocking=True)
+    deferred = []
+
+    class Watch(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            deferred.append(cb.ema._offload.deferred)
+
+    trainer = _trainer(tmp_path, [probe, cb, Watch()])
+    trainer.train()
+    assert deferred and set(deferred) == {1}
+    assert cb.ema._offload.deferred == 0
+    assert_same_shadows(cb.ema, replay(probe.initial, trainer.model, probe.rec.states,
+                                       decay=DECAY))
+
+
 @pytest.mark.parametrize("with_ema", [False, True])
 def test_epoch_evaluation_and_copy_to_model_at_end(tmp_path, with_ema):
     probe = Probe()

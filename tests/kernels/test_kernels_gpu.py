@@ -13,6 +13,7 @@ from ema_fused import EMA, available_backends, ema_copy_, ema_swap_, ema_update_
 from ema_fused.backends import extension as _extension
 from ema_fused import schedules
 
+from helpers.gpu import warm_up_and_capture
 from helpers.numerics import assert_rounded_close, compute_dtype, lerp_reference, rand
 
 pytestmark = [
@@ -163,6 +164,22 @@ def test_a_captured_update_survives_other_tables_being_built_and_freed(backend):
         torch.testing.assert_close(s, t, rtol=2e-7, atol=2e-7)
 
 
+@pytest.mark.parametrize("skip_nonfinite", [False, True], ids=["plain", "skip_nonfinite"])
+def test_device_weight_update_against_float64(backend, skip_nonfinite):
+    """The graph-safe update (the weight read on the device), run eagerly, so that the
+    sanitizer subset of scripts/gpu_check.sh covers it without a graph: tile edges, a
+    misaligned view, finite params (skip_nonfinite changes nothing for them)."""
+    gen = torch.Generator().manual_seed(6)
+    shadows = [rand(n, torch.float32, gen, "cuda") for n in SIZES[:-1]]
+    shadows.append(rand(5000, torch.float32, gen, "cuda")[1:])
+    params = [rand(s.numel(), torch.bfloat16, gen, "cuda") for s in shadows]
+    exact = [lerp_reference(s, p, 0.25) for s, p in zip(shadows, params)]
+    weight = torch.tensor([0.25], device="cuda")
+    ema_update_(shadows, params, weight, skip_nonfinite=skip_nonfinite, backend=backend)
+    for s, e, p in zip(shadows, exact, params):
+        assert_rounded_close(s, e, e.abs() + p.double().abs(), torch.float32)
+
+
 @pytest.mark.parametrize("offset_a,offset_b", [(1, 0), (0, 3), (2, 2), (3, 1)])
 def test_unaligned_views_against_float64(backend, offset_a, offset_b):
     """Views off the 16-byte grid: a short head, then vector tiles for the shadow side
@@ -224,15 +241,8 @@ def test_graph_capture_with_changing_decay_matches_eager(backend):
     sched = schedules.power_warmup(0.999, power=0.9)
     graphed = EMA(model, schedule=sched, backend=backend, capturable=True, update_after_step=2)
     eager = EMA(model, schedule=sched, backend=backend, update_after_step=2)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up: compile, build tables
-        graphed.update()
-    torch.cuda.current_stream().wait_stream(side)
+    graph = warm_up_and_capture(graphed.update)  # the warm-up compiles and builds tables
     eager.update()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        graphed.update()
     decays = []
     for _ in range(12):
         with torch.no_grad():

@@ -9,9 +9,9 @@ import itertools
 import pytest
 import torch
 
-from ema_fused import available_backends, ema_multi_update_, ema_update_
-from ema_fused.backends import extension as _extension
+from ema_fused import ema_multi_update_, ema_update_
 
+from helpers.gpu import gpu_backend
 from helpers.numerics import assert_rounded_close, compute_dtype, lerp_reference, rand
 
 pytestmark = [
@@ -25,12 +25,7 @@ KERNEL_NAMES = {"triton": "multi_update_kernel", "cuda": "multi_tiles_kernel"}
 
 @pytest.fixture(params=["triton", "cuda"])
 def backend(request):
-    if request.param == "cuda":
-        _extension.load(build=True)
-    usable, why = available_backends("cuda")[request.param]
-    if not usable:
-        pytest.fail(f"backend {request.param!r} not usable on this GPU machine: {why}")
-    return request.param
+    return gpu_backend(request.param)
 
 
 def _inputs(gen, shadow_dtypes, param_dtype, sizes=SIZES):

@@ -145,7 +145,7 @@ _PTX_SCRIPT = r"""
 import collections, json, re
 import triton
 from triton.backends.compiler import GPUTarget
-from ema_fused.triton_kernels import ema_kernels as k, launch
+from ema_fused.triton_kernels import ema_kernels as k, launch, sum_kernels
 TYPES = {"f32": "*fp32", "bf16": "*bf16", "f16": "*fp16", "i32": "*i32", "i16": "*i16"}
 out = {}
 for name, kernel, flag, arg, views, more in [
@@ -154,13 +154,17 @@ for name, kernel, flag, arg, views, more in [
         ("update_skip", k.update_kernel, "WEIGHT_FROM_PTR", "weight", ("f32", "bf16", "f16"),
          {"SKIP_NONFINITE": True}),
         ("copy", k.copy_kernel, "SCALE_FROM_PTR", "scale", ("f32", "bf16", "f16"), {}),
-        ("swap", k.swap_kernel, None, None, ("i32", "i16"), {})]:
+        ("swap", k.swap_kernel, None, None, ("i32", "i16"), {}),
+        ("weighted_sum", sum_kernels.weighted_sum_kernel, None, "weight", ("f32", "bf16", "f16"),
+         {})]:
     for from_ptr in ((False, True) if flag else (None,)):
         sig = {"tensors": "*i64", "tiles": "*i64", **{v: TYPES[v] for v in views}}
         cex = {"BLOCK": launch.BLOCK}
         if flag:
             sig.update({arg: "fp32", arg + "_ptr": "*fp32", flag: "constexpr"})
             cex[flag] = from_ptr
+        elif arg:
+            sig[arg] = "fp32"
         sig["BLOCK"] = "constexpr"
         for key, value in more.items():
             sig[key] = "constexpr"
@@ -197,33 +201,72 @@ def ptx_counts():
 
 
 # Global accesses per thread in each kernel's PTX (BLOCK = 2048, 4 warps: 16 elements a
-# thread).  The aligned full-tile path: 16-byte vectors, per operand 4 for fp32 and 2 for
+# thread), path by path.  A kernel has three paths (ema_kernels.py): "vector", a full tile
+# with both sides on the 16-byte grid: vectors for both, per operand 4 for fp32 and 2 for
 # each 16-bit dtype (8 per operand over its three dtype branches; a swap has two raw
-# branches, 6).  The masked path: 16 scalar accesses per operand and dtype branch.  A
-# vector count that drops means a branch lost its alignment facts (Triton drops them
-# easily, see ema_kernels.py); the "+1" b32 load is the weight or scale read from a pointer.
-PTX_COUNTS = {
-    "update": {"ld.global.v4.b32": 16, "st.global.v4.b32": 8, "ld.global.b32": 32,
-               "ld.global.b16": 64, "st.global.b32": 16, "st.global.b16": 32},
-    # skip_nonfinite: the same accesses, the select is in registers (an extra pass or a
-    # lost vector path would change these counts)
-    "update_skip": {"ld.global.v4.b32": 16, "st.global.v4.b32": 8, "ld.global.b32": 32,
-                    "ld.global.b16": 64, "st.global.b32": 16, "st.global.b16": 32},
-    "copy": {"ld.global.v4.b32": 8, "st.global.v4.b32": 8, "ld.global.b32": 16,
-             "ld.global.b16": 32, "st.global.b32": 16, "st.global.b16": 32},
-    "swap": {"ld.global.v4.b32": 12, "st.global.v4.b32": 12, "ld.global.b32": 32,
-             "ld.global.b16": 32, "st.global.b32": 32, "st.global.b16": 32},
+# branches, 6); "vector_a", a full tile of a tensor whose `a` is on the grid (after its
+# head) and `b` is not: vectors for `a`, 16 element accesses per dtype branch for `b`;
+# "masked", heads and last partial tiles: 16 element accesses per operand and dtype branch.
+# Code two paths share is emitted once: the `a` accesses that follow the loads of `b` in
+# the two full paths are identical (the update's and the copy's stores, the weighted sum's
+# load and store of its out), so "vector_a" lists none of them; had they been element
+# accesses, they would differ and be counted apart.  A vector count that
+# drops means a path lost its alignment facts (Triton drops them easily, see
+# ema_kernels.py); the "+1" b32 load is the weight or scale read from a pointer.
+PTX_PATHS = {
+    "update": {
+        "vector": {"ld.global.v4.b32": 16, "st.global.v4.b32": 8},
+        "vector_a": {"ld.global.v4.b32": 8, "ld.global.b32": 16, "ld.global.b16": 32},
+        "masked": {"ld.global.b32": 32, "ld.global.b16": 64, "st.global.b32": 16,
+                   "st.global.b16": 32}},
+    "copy": {
+        "vector": {"ld.global.v4.b32": 8, "st.global.v4.b32": 8},
+        "vector_a": {"ld.global.b32": 16, "ld.global.b16": 32},
+        "masked": {"ld.global.b32": 16, "ld.global.b16": 32, "st.global.b32": 16,
+                   "st.global.b16": 32}},
+    "swap": {
+        "vector": {"ld.global.v4.b32": 12, "st.global.v4.b32": 12},
+        "vector_a": {"ld.global.v4.b32": 6, "st.global.v4.b32": 6, "ld.global.b32": 16,
+                     "ld.global.b16": 16, "st.global.b32": 16, "st.global.b16": 16},
+        "masked": {"ld.global.b32": 32, "ld.global.b16": 32, "st.global.b32": 32,
+                   "st.global.b16": 32}},
+    # a: the float32 out (read and written), b: the input of any kernel dtype
+    "weighted_sum": {
+        "vector": {"ld.global.v4.b32": 4 + 8, "st.global.v4.b32": 4},
+        "vector_a": {"ld.global.b32": 16, "ld.global.b16": 32},
+        "masked": {"ld.global.b32": 32, "ld.global.b16": 32, "st.global.b32": 16}},
 }
+# skip_nonfinite: the same accesses, the select is in registers (an extra pass or a lost
+# vector path would change these counts)
+PTX_PATHS["update_skip"] = PTX_PATHS["update"]
+ACCESSES = sorted({op for paths in PTX_PATHS.values() for path in paths.values() for op in path})
+
+
+def _expected(name: str) -> dict:
+    total = dict.fromkeys(ACCESSES, 0)
+    for path in PTX_PATHS[name.split("-")[0]].values():
+        for op, count in path.items():
+            total[op] += count
+    if name.endswith("-ptr"):
+        total["ld.global.b32"] += 1
+    return total
 
 
 @pytest.mark.parametrize("name", ["update", "update-ptr", "update_skip", "update_skip-ptr",
-                                  "copy", "copy-ptr", "swap"])
+                                  "copy", "copy-ptr", "swap", "weighted_sum"])
 def test_each_path_compiles_to_its_accesses_for_sm90(name, ptx_counts):
-    expected = dict(PTX_COUNTS[name.split("-")[0]])
-    if name.endswith("-ptr"):
-        expected["ld.global.b32"] += 1
     ops = ptx_counts[name]["ops"]
-    assert {op: ops.get(op, 0) for op in expected} == expected, ops
+    assert {op: ops.get(op, 0) for op in ACCESSES} == _expected(name), ops
+
+
+@pytest.mark.parametrize("name", ["update", "swap"])
+def test_the_unaligned_body_path_uses_vectors_for_its_aligned_side(name, ptx_counts):
+    """Issue 20: a tensor off the 16-byte grid runs its full tiles with vector accesses to
+    `a`, not element by element (where that path's `a` accesses are its own code; in the
+    copy and the weighted sum they are the vector path's, see PTX_PATHS)."""
+    ops = ptx_counts[name]["ops"]
+    own = PTX_PATHS[name]["vector_a"]["ld.global.v4.b32"]
+    assert own > 0 and ops["ld.global.v4.b32"] == PTX_PATHS[name]["vector"]["ld.global.v4.b32"] + own
 
 
 def test_a_zero_device_weight_exits_before_reading_the_table(ptx_counts):

@@ -205,3 +205,22 @@ def test_explicit_device_and_float8_copies():
 def test_option_is_checked():
     with pytest.raises(TypeError, match="skip_nonfinite"):
         EMA(_model(), skip_nonfinite="no")
+
+
+def test_bias_correction_is_refused_with_the_reason():
+    """skip_nonfinite with bias_correction (issue 20, item 3): the correction divides by
+    one global product of decays, so an element that skipped steps would be
+    over-corrected (a constant 1.0 read back as 0.53 after one NaN).  The combination
+    is refused at construction, and a checkpoint cannot bring it in."""
+    with pytest.raises(ValueError, match=r"skip_nonfinite=True with bias_correction=True.*"
+                                         r"over-correct"):
+        EMA(_model(), skip_nonfinite=True, bias_correction=True)
+    corrected = EMA(_model(), decay=0.9, bias_correction=True)
+    corrected.update()
+    ema = EMA(_model(), decay=0.9, skip_nonfinite=True)
+    before = {n: s.clone() for n, s in ema.named_shadows()}
+    with pytest.raises(ValueError, match="bias_correction"):
+        ema.load_state_dict(corrected.state_dict())
+    assert not ema.bias_correction and ema.num_updates == 0
+    for name, s in ema.named_shadows():
+        assert torch.equal(s, before[name]), name

@@ -104,6 +104,24 @@ def test_weight_zero_changes_and_reads_nothing(backend):
     assert all(bool(torch.isinf(o).all()) for o in out)
 
 
+def _underflowing_weights_add_nothing(name: str, device: str) -> None:
+    """Weights that round to 0 in float32 (the math of a float32 out) are weight 0: no
+    ``0 * Inf = NaN`` from an infinite input; the smallest that does not round to 0 adds."""
+    out = [torch.randn(n, device=device) for n in (1, 2049, 4097)]
+    before = [o.clone() for o in out]
+    inputs = [torch.full((n,), float("inf"), dtype=torch.bfloat16, device=device)
+              for n in (1, 2049, 4097)]
+    for w in (1e-46, -1e-50, 2.0 ** -150):  # 2^-150: the tie, rounds to even (0)
+        ema_weighted_sum_(out, inputs, w, backend=name)
+        assert all(torch.equal(o, b) for o, b in zip(out, before)), w
+    ema_weighted_sum_(out, inputs, 2.0 ** -149, backend=name)  # fp32's smallest subnormal
+    assert all(bool(torch.isinf(o).all()) for o in out)
+
+
+def test_a_weight_that_underflows_float32_adds_nothing_triton():
+    _underflowing_weights_add_nothing(_usable("triton"), "cpu")
+
+
 def test_the_same_tensor_as_out_and_input_is_scaled(backend):
     gen = seeded("self", backend)
     t = rand(4099, torch.float32, gen)
@@ -259,3 +277,10 @@ def test_gpu_backends_against_float64(name, od, xd):
     sizes = LARGE + ((1 << 22) + 3,)
     check([rand(n, od, gen, "cuda") for n in sizes], [rand(n, xd, gen, "cuda") for n in sizes],
           -0.3, name, "cuda")
+
+
+@pytest.mark.gpu
+@requires_gpu()
+@pytest.mark.parametrize("name", ["cuda", "triton"])
+def test_gpu_a_weight_that_underflows_float32_adds_nothing(name):
+    _underflowing_weights_add_nothing(_usable(name, "cuda"), "cuda")

@@ -23,9 +23,10 @@ LAYERS = {
     "ops": 3,
     "distributed": 4, "schedules": 4,
     "ema": 5,
-    "posthoc": 6, "averaging": 6, "migrate": 6,
-    "integrations": 7,
-    "__init__": 8, "__main__": 9, "demo": 9,
+    "averaging": 6, "migrate": 6,
+    "posthoc": 7,  # a synthesis is a weighted sum of snapshots: averaging's streamed one
+    "integrations": 8,
+    "__init__": 9, "__main__": 10, "demo": 10,
 }
 TOP_LEVEL_MODULES = {"__init__", "__main__", "demo", "distributed", "schedules", "migrate", "ops"}
 SUBPACKAGES = {"checks", "backends", "ema", "posthoc", "averaging", "integrations"}

@@ -167,6 +167,28 @@ def test_loading_the_result_into_a_model(tmp_path):
     assert not torch.equal(target.mid.weight, model.mid.weight)
 
 
+def test_synthesize_from_out_writes_the_same_tensors_a_file_at_a_time(tmp_path):
+    pytest.importorskip("safetensors")
+    from safetensors.torch import load_file
+    model = Net()  # tied embedding/head, BatchNorm's integer counter
+    phema = PostHocEMA(model, (0.05, 0.2), snapshot_every=5, snapshot_dir=tmp_path / "snaps",
+                       buffers="copy")
+    _run(phema, model, 20)
+    weights = PostHocEMA.synthesize_from(tmp_path / "snaps", 0.1, step=15)
+    out = tmp_path / "ema.safetensors"
+    assert PostHocEMA.synthesize_from(tmp_path / "snaps", 0.1, step=15, out=out) is None
+    PostHocEMA.synthesize_from(tmp_path / "snaps", 0.1, step=15, out=tmp_path / "ema_dcp")
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    dcp_to_torch_save(tmp_path / "ema_dcp", tmp_path / "ema_dcp.pt")
+    for written in (load_file(out), torch.load(tmp_path / "ema_dcp.pt", weights_only=True)):
+        assert sorted(written) == sorted(weights) == sorted(model.state_dict())
+        for n, t in weights.items():  # the same additions in the same order: the same bits
+            assert written[n].dtype == t.dtype and torch.equal(written[n], t), n
+    assert torch.equal(load_file(out)["head.weight"], weights["emb.weight"])  # tied: both names
+    fresh = Net()
+    fresh.load_state_dict(load_file(out))
+
+
 def test_synthesis_and_snapshot_errors(tmp_path):
     model = Net()
     phema = PostHocEMA(model, (0.05, 0.2), snapshot_dir=tmp_path, update_after_step=2)
