@@ -97,15 +97,14 @@ struct Avx512 {
     for (int q = 0; q < kChains; ++q) transpose(c0[q], c1[q], c2[q], c3[q], out[2 * q], out[2 * q + 1]);
   }
   // Eight draws' words (one draw per 64-bit lane, words in the low halves) into element
-  // order: lo gets draws 0 .. 3, hi draws 4 .. 7, four words each.
+  // order: lo gets draws 0 .. 3, hi draws 4 .. 7, four words each (4 permutes).
   static EMA_SIMD_INLINE void transpose(const I& c0, const I& c1, const I& c2, const I& c3,
                                         I& lo, I& hi) {
-    const I w01 = _mm512_mask_blend_epi32(0xAAAA, c0, _mm512_slli_epi64(c1, 32));
-    const I w23 = _mm512_mask_blend_epi32(0xAAAA, c2, _mm512_slli_epi64(c3, 32));
-    const I even = _mm512_unpacklo_epi64(w01, w23);  // draws 0, 2, 4, 6
-    const I odd = _mm512_unpackhi_epi64(w01, w23);   // draws 1, 3, 5, 7
-    lo = _mm512_permutex2var_epi64(even, _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), odd);
-    hi = _mm512_permutex2var_epi64(even, _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15), odd);
+    const I pairs = _mm512_setr_epi32(0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30);
+    const I w01 = _mm512_permutex2var_epi32(c0, pairs, c1);  // draw d: words 0, 1 at 64-bit d
+    const I w23 = _mm512_permutex2var_epi32(c2, pairs, c3);  // words 2, 3
+    lo = _mm512_permutex2var_epi64(w01, _mm512_setr_epi64(0, 8, 1, 9, 2, 10, 3, 11), w23);
+    hi = _mm512_permutex2var_epi64(w01, _mm512_setr_epi64(4, 12, 5, 13, 6, 14, 7, 15), w23);
   }
   static EMA_SIMD_INLINE I load_raw(const void* p) { return _mm512_loadu_si512(p); }
   // 2W elements at p as floats: the even ones and the odd ones
@@ -125,9 +124,10 @@ struct Avx512 {
     even = _mm512_permutex2var_ps(lo, idx, hi);
     odd = _mm512_permutex2var_ps(lo, _mm512_add_epi32(idx, c(1)), hi);
   }
-  // 16-bit results in the low halves of the even and the odd lanes, stored as 2W values
+  // 2W 16-bit results: the even elements' in the low halves of `even` (high halves 0),
+  // the odd elements' in the high halves of `odd` (low halves 0)
   static EMA_SIMD_INLINE void store2(void* p, const I& even, const I& odd) {
-    _mm512_storeu_si512(p, _mm512_or_si512(even, _mm512_slli_epi32(odd, 16)));
+    _mm512_storeu_si512(p, _mm512_or_si512(even, odd));
   }
   static EMA_SIMD_INLINE I bits(const F& x) { return _mm512_castps_si512(x); }
   // where (a > b, both < 2^31 as integers) take x, else y
@@ -234,7 +234,7 @@ struct Avx2 {
         _mm256_castps_pd(_mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(3, 1, 3, 1))), 0xD8));
   }
   static EMA_SIMD_INLINE void store2(void* p, const I& even, const I& odd) {
-    _mm256_storeu_si256(static_cast<__m256i*>(p), _mm256_or_si256(even, _mm256_slli_epi32(odd, 16)));
+    _mm256_storeu_si256(static_cast<__m256i*>(p), _mm256_or_si256(even, odd));
   }
   static EMA_SIMD_INLINE I bits(const F& x) { return _mm256_castps_si256(x); }
   static EMA_SIMD_INLINE I if_gt(const I& a, uint32_t b, const I& x, const I& y) {
@@ -290,6 +290,8 @@ EMA_SIMD_INLINE typename V::I round_lanes(TagF16, const typename V::F& x, const 
 }
 
 // Both halves of a step: the fast path where every lane is ordinary, else the full rule.
+// The even elements' results come back in the low halves, the odd ones' in the high
+// halves (what store2 joins with one or).
 template <typename V>
 EMA_SIMD_INLINE void round2(TagBF16, const typename V::F& xe, const typename V::F& xo,
                             const typename V::I& re, const typename V::I& ro,
@@ -298,11 +300,11 @@ EMA_SIMD_INLINE void round2(TagBF16, const typename V::F& xe, const typename V::
   const auto mask = V::c(0x7fffffffu);
   if (V::any_above(V::band(ue, mask), V::band(uo, mask), 0x7f7f0000u)) {
     oe = round_lanes<V>(TagBF16(), xe, re);
-    oo = round_lanes<V>(TagBF16(), xo, ro);
+    oo = V::shl(round_lanes<V>(TagBF16(), xo, ro), 16);
     return;
   }
   oe = V::shr(V::add(ue, re), 16);  // carry: up one ulp
-  oo = V::shr(V::add(uo, ro), 16);
+  oo = V::band(V::add(uo, ro), V::c(0xffff0000u));
 }
 
 template <typename V>
@@ -316,12 +318,13 @@ EMA_SIMD_INLINE void round2(TagF16, const typename V::F& xe, const typename V::F
   if (V::any_above(V::sub(ae, V::c(0x38800000u)), V::sub(ao, V::c(0x38800000u)),
                    0x477fe000u - 0x38800000u)) {
     oe = round_lanes<V>(TagF16(), xe, re);
-    oo = round_lanes<V>(TagF16(), xo, ro);
+    oo = V::shl(round_lanes<V>(TagF16(), xo, ro), 16);
     return;
   }
   const auto sign = V::c(0x8000u);
   oe = V::bor(V::shr(V::add(V::sub(ae, bias), V::shr(re, 3)), 13), V::band(V::shr(ue, 16), sign));
-  oo = V::bor(V::shr(V::add(V::sub(ao, bias), V::shr(ro, 3)), 13), V::band(V::shr(uo, 16), sign));
+  oo = V::shl(V::bor(V::shr(V::add(V::sub(ao, bias), V::shr(ro, 3)), 13),
+                     V::band(V::shr(uo, 16), sign)), 16);
 }
 
 // Elements [begin, end) of a span: first + begin a multiple of 8, end - begin of
@@ -355,7 +358,7 @@ void simd_body(const SrSpan& sp, int64_t begin, int64_t end) {
       if (kFinite) {  // keep the shadow's bits where the param is NaN or +-Inf
         const I raw = V::load_raw(s + j * S::size), abs = V::c(0x7fffffffu);
         oe = V::if_gt(V::band(V::bits(be), abs), 0x7f7fffffu, V::band(raw, V::c(0xffffu)), oe);
-        oo = V::if_gt(V::band(V::bits(bo), abs), 0x7f7fffffu, V::shr(raw, 16), oo);
+        oo = V::if_gt(V::band(V::bits(bo), abs), 0x7f7fffffu, V::band(raw, V::c(0xffff0000u)), oo);
       }
       V::store2(s + j * S::size, oe, oo);
     }
