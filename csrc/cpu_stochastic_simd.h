@@ -41,15 +41,32 @@ struct TagF16 { static constexpr int64_t size = 2; };
 
 // A span's key schedule, round by round, broadcast once per span (the rounds then read
 // them as memory operands: no broadcast per draw).
-template <typename I, I (*kBroadcast)(uint64_t)>
+//
+// The first two rounds are partly the same for every draw of a span (only c0, the
+// group, differs): round 0's product B * c2 and round 1's A * c0 are made here, once,
+// and what they leave is folded into broadcasts (each draw then makes 18 products of 20).
+template <typename V>
 struct Keys {
+  using I = typename V::I;
+  static I kBroadcast(uint64_t v) { return V::broadcast64(v); }
   I k0[sr::kRounds], k1[sr::kRounds];
+  I r0_c2;  // round 0: c2' = hi(A * c0) ^ r0_c2; c3' = lo(A * c0)
+  I r1_c0;  // round 1: c0' = hi(B * c2) ^ r1_c0; c1' = lo(B * c2)
+  I r1_c2;  // round 1: c2' = c3 ^ r1_c2
+  I r1_c3;  // round 1: c3'
   explicit Keys(const sr::Stream& st) {
     uint32_t a = st.k0, b = st.k1;
     for (int r = 0; r < sr::kRounds; ++r, a += sr::kKeyA, b += sr::kKeyB) {
       k0[r] = kBroadcast(a);
       k1[r] = kBroadcast(b);
     }
+    const uint64_t pb = uint64_t(sr::kMulB) * st.off_lo;  // round 0: c2 is the offset's low word
+    const uint32_t c0 = uint32_t(pb >> 32) ^ st.position ^ st.k0, c1 = uint32_t(pb);
+    r0_c2 = kBroadcast(st.off_hi ^ st.k1);
+    const uint64_t pa = uint64_t(sr::kMulA) * c0;  // round 1: c0 is the same for every draw
+    r1_c0 = kBroadcast(c1 ^ (st.k0 + sr::kKeyA));
+    r1_c2 = kBroadcast(uint32_t(pa >> 32) ^ (st.k1 + sr::kKeyB));
+    r1_c3 = kBroadcast(uint32_t(pa));
   }
 };
 
@@ -62,27 +79,28 @@ struct Avx512 {
 
   static EMA_SIMD_INLINE I c(uint32_t v) { return _mm512_set1_epi32(int(v)); }
   static I broadcast64(uint64_t v) { return _mm512_set1_epi64(static_cast<int64_t>(v)); }
-  using Keys = ema_fused::Keys<I, broadcast64>;
+  using Keys = ema_fused::Keys<Avx512>;
 
   // Draws for groups g .. g + 8 * kChains - 1, as kChains independent chains of rounds
   // (one chain's latency, 10 dependent products, leaves the core idle: 2 chains took
   // 0.32 ns per element in cache, 4 chains 0.28, on the 2-core EPYC VM): out[k] holds the
   // words of groups g + 4k .. g + 4k + 3 (elements 8g + 32k .. 8g + 32k + 31).
   static constexpr int kChains = 4;
-  static EMA_SIMD_INLINE void draws(uint32_t g, const sr::Stream& st, const Keys& keys,
-                                    I (&out)[2 * kChains]) {
+  static EMA_SIMD_INLINE void draws(uint32_t g, const Keys& keys, I (&out)[2 * kChains]) {
     const I iota = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
     I c0[kChains], c1[kChains], c2[kChains], c3[kChains];
-#pragma GCC unroll 4
-    for (int q = 0; q < kChains; ++q) {
-      c0[q] = _mm512_add_epi64(_mm512_set1_epi64(g + 8u * q), iota);
-      c1[q] = _mm512_set1_epi64(st.position);
-      c2[q] = _mm512_set1_epi64(st.off_lo);
-      c3[q] = _mm512_set1_epi64(st.off_hi);
-    }
     const I ma = _mm512_set1_epi64(sr::kMulA), mb = _mm512_set1_epi64(sr::kMulB);
-#pragma GCC unroll 10
-    for (int r = 0; r < sr::kRounds; ++r) {
+#pragma GCC unroll 4
+    for (int q = 0; q < kChains; ++q) {  // rounds 0 and 1, their uniform parts in `keys`
+      const I pa = _mm512_mul_epu32(_mm512_add_epi64(_mm512_set1_epi64(g + 8u * q), iota), ma);
+      const I pb = _mm512_mul_epu32(_mm512_xor_si512(_mm512_srli_epi64(pa, 32), keys.r0_c2), mb);
+      c0[q] = _mm512_xor_si512(_mm512_srli_epi64(pb, 32), keys.r1_c0);
+      c1[q] = pb;
+      c2[q] = _mm512_xor_si512(pa, keys.r1_c2);
+      c3[q] = keys.r1_c3;
+    }
+#pragma GCC unroll 8
+    for (int r = 2; r < sr::kRounds; ++r) {
 #pragma GCC unroll 4
       for (int q = 0; q < kChains; ++q) {
         const I pb = _mm512_mul_epu32(c2[q], mb), pa = _mm512_mul_epu32(c0[q], ma);
@@ -165,26 +183,27 @@ struct Avx2 {
 
   static EMA_SIMD_INLINE I c(uint32_t v) { return _mm256_set1_epi32(int(v)); }
   static I broadcast64(uint64_t v) { return _mm256_set1_epi64x(static_cast<int64_t>(v)); }
-  using Keys = ema_fused::Keys<I, broadcast64>;
+  using Keys = ema_fused::Keys<Avx2>;
 
   // Draws for groups g .. g + 4 * kChains - 1 as kChains independent chains (see
   // Avx512::draws; two here: the 16 ymm registers hold no more): out[k] holds groups
   // g + 2k, g + 2k + 1.
   static constexpr int kChains = 2;
-  static EMA_SIMD_INLINE void draws(uint32_t g, const sr::Stream& st, const Keys& keys,
-                                    I (&out)[2 * kChains]) {
+  static EMA_SIMD_INLINE void draws(uint32_t g, const Keys& keys, I (&out)[2 * kChains]) {
     const I iota = _mm256_setr_epi64x(0, 1, 2, 3);
     I c0[kChains], c1[kChains], c2[kChains], c3[kChains];
-#pragma GCC unroll 2
-    for (int q = 0; q < kChains; ++q) {
-      c0[q] = _mm256_add_epi64(_mm256_set1_epi64x(g + 4u * q), iota);
-      c1[q] = _mm256_set1_epi64x(st.position);
-      c2[q] = _mm256_set1_epi64x(st.off_lo);
-      c3[q] = _mm256_set1_epi64x(st.off_hi);
-    }
     const I ma = _mm256_set1_epi64x(sr::kMulA), mb = _mm256_set1_epi64x(sr::kMulB);
-#pragma GCC unroll 10
-    for (int r = 0; r < sr::kRounds; ++r) {
+#pragma GCC unroll 2
+    for (int q = 0; q < kChains; ++q) {  // rounds 0 and 1 (see Avx512::draws)
+      const I pa = _mm256_mul_epu32(_mm256_add_epi64(_mm256_set1_epi64x(g + 4u * q), iota), ma);
+      const I pb = _mm256_mul_epu32(_mm256_xor_si256(_mm256_srli_epi64(pa, 32), keys.r0_c2), mb);
+      c0[q] = _mm256_xor_si256(_mm256_srli_epi64(pb, 32), keys.r1_c0);
+      c1[q] = pb;
+      c2[q] = _mm256_xor_si256(pa, keys.r1_c2);
+      c3[q] = keys.r1_c3;
+    }
+#pragma GCC unroll 8
+    for (int r = 2; r < sr::kRounds; ++r) {
 #pragma GCC unroll 2
       for (int q = 0; q < kChains; ++q) {
         const I pb = _mm256_mul_epu32(c2[q], mb), pa = _mm256_mul_epu32(c0[q], ma);
@@ -342,8 +361,7 @@ void simd_body(const SrSpan& sp, int64_t begin, int64_t end) {
   constexpr int kSteps = 2 * V::kChains;
   for (int64_t i = begin; i < end; i += kSteps * 2 * V::W) {
     I words[kSteps];
-    V::draws(static_cast<uint32_t>((sp.first + static_cast<uint64_t>(i)) >> 3), sp.st, keys,
-             words);
+    V::draws(static_cast<uint32_t>((sp.first + static_cast<uint64_t>(i)) >> 3), keys, words);
 #pragma GCC unroll 8
     for (int q = 0; q < kSteps; ++q) {
       const int64_t j = i + 2 * V::W * q;
