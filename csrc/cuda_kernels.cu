@@ -31,6 +31,7 @@
 
 #include "multi_tensor.h"
 #include "pairs.h"
+#include "stochastic_checks.h"
 
 namespace ema_fused {
 namespace {
@@ -91,10 +92,25 @@ void admit_stream(Table& table, const c10::cuda::CUDAStream& stream, bool captur
   table.streams.push_back(stream.id());
 }
 
-// The table for exactly these pairs, built on a miss, usable on `stream`.
+// The counter words of a stochastic update's table (null for the others' tables).
+struct Counters {
+  const int64_t* positions = nullptr;
+  const int64_t* starts = nullptr;
+  size_t n = 0;
+};
+
+// The table for exactly these pairs, built on a miss, usable on `stream`.  A stochastic
+// update's table (`counters` set) has its own key: its rows also hold the counter words.
 Launchable table_for(const char* op, const std::vector<Pair>& pairs, Kind kind,
-                     const at::Device& device, const c10::cuda::CUDAStream& stream) {
+                     const at::Device& device, const c10::cuda::CUDAStream& stream,
+                     const Counters& counters = Counters()) {
   std::vector<int64_t> key = key_of(pairs, device.index(), kind);
+  if (counters.positions != nullptr) {
+    key.push_back(-1);  // no pair's words are negative: the marker of a stochastic table
+    key.insert(key.end(), counters.positions, counters.positions + counters.n);
+    key.insert(key.end(), counters.starts, counters.starts + counters.n);
+  }
+  const int row_words = counters.positions != nullptr ? kRowStochastic : kRow;
   const bool capturing =
       c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
   std::lock_guard<std::mutex> lock(cache_mutex);
@@ -111,17 +127,18 @@ Launchable table_for(const char* op, const std::vector<Pair>& pairs, Kind kind,
               " tensors is not built yet, and it cannot be built while a CUDA graph is being "
               "captured; run the same call once before capturing (a warm-up step)");
   check_overlaps(op, pairs, kind);
-  const int64_t size = table_size(pairs);
+  const int64_t size = table_size(pairs, row_words);
   Table fresh;
   fresh.key = std::move(key);
   fresh.words = at::empty({size}, at::TensorOptions().dtype(at::kLong).device(device));
   at::Tensor host = at::empty({size}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-  fill_table(pairs, host.data_ptr<int64_t>(), fresh.words.data_ptr());
+  fill_table(pairs, host.data_ptr<int64_t>(), fresh.words.data_ptr(), counters.positions,
+             counters.starts);
   fresh.words.copy_(host, /*non_blocking=*/true);  // the host block is kept until it is done
   fresh.copied = new_event();
   C10_CUDA_CHECK(cudaEventRecord(fresh.copied.get(), stream.stream()));
   fresh.n_rows = static_cast<int64_t>(pairs.size());
-  fresh.n_tiles = size - fresh.n_rows * kRow;
+  fresh.n_tiles = size - fresh.n_rows * row_words;
   fresh.streams.push_back(stream.id());
   cache.push_front(std::move(fresh));
   const Table& made = cache.front();
@@ -194,6 +211,48 @@ void kernel_update_graph_safe_cuda(at::TensorList shadows, at::TensorList params
   launch<Kind::Update>(op, shadows, params, 0.0f, weight.data_ptr<float>());
 }
 
+// The stochastic update (stochastic.h): 16-bit shadows only; weight 0 and 1 as
+// kernel_update_ (nothing random in either).  The table, cached as any other, holds each
+// pair's position and start; the seed and offset are launch arguments, so a new step
+// (a new offset) reuses the table.
+void kernel_update_stochastic_cuda(at::TensorList shadows, at::TensorList params, double weight,
+                                   bool skip_nonfinite, int64_t seed, int64_t offset,
+                                   at::IntArrayRef positions, at::IntArrayRef starts) {
+  const char* op = "kernel_update_stochastic_";
+  TORCH_CHECK(weight >= 0.0 && weight <= 1.0, op, ": weight must be in [0, 1], got ", weight);
+  check_counters(op, shadows, positions, starts);
+  if (shadows.empty()) return;
+  TORCH_CHECK(shadows[0].defined(), op, ": tensors[0] is undefined");
+  const at::Device device = shadows[0].device();
+  TORCH_CHECK(device.is_cuda(), op, ": tensors[0] is on ", device, "; this kernel runs on CUDA");
+  const std::vector<Pair> pairs = check_pairs(op, shadows, params, Kind::Update, device);
+  check_rounded(op, pairs);
+  if (weight == 0.0 || pairs.empty()) {  // nothing changes; the pairs are still checked
+    check_overlaps(op, pairs, Kind::Update);
+    return;
+  }
+  const c10::cuda::CUDAGuard guard(device);
+  const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(device.index());
+  const Launchable table = table_for(op, pairs, Kind::Update, device, stream,
+                                     {positions.data(), starts.data(), positions.size()});
+  TORCH_CHECK(table.n_tiles < (int64_t(1) << 31), op, ": ", table.n_tiles,
+              " tiles are more than one launch can take");
+  const auto u_seed = static_cast<uint64_t>(seed), u_offset = static_cast<uint64_t>(offset);
+  const RandomKey key{uint32_t(u_seed), uint32_t(u_seed >> 32), uint32_t(u_offset),
+                      uint32_t(u_offset >> 32)};
+  const auto blocks = static_cast<unsigned>(table.n_tiles);
+  const int64_t* words = table.words.data_ptr<int64_t>();
+  const float w = static_cast<float>(weight);
+  if (skip_nonfinite) {
+    stochastic_tiles_kernel<Kind::UpdateFinite><<<blocks, kThreads, 0, stream.stream()>>>(
+        words, table.n_rows, w, key);
+  } else {
+    stochastic_tiles_kernel<Kind::Update><<<blocks, kThreads, 0, stream.stream()>>>(
+        words, table.n_rows, w, key);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 void kernel_copy_cuda(at::TensorList dst, at::TensorList src, double scale) {
   TORCH_CHECK(scale >= 0.0 && std::isfinite(scale),
               "kernel_copy_: scale must be finite and >= 0, got ", scale);
@@ -228,4 +287,5 @@ TORCH_LIBRARY_IMPL(ema_fused, CUDA, m) {
   m.impl("kernel_copy_", &ema_fused::kernel_copy_cuda);
   m.impl("kernel_swap_", &ema_fused::kernel_swap_cuda);
   m.impl("kernel_weighted_sum_", &ema_fused::kernel_weighted_sum_cuda);
+  m.impl("kernel_update_stochastic_", &ema_fused::kernel_update_stochastic_cuda);
 }

@@ -26,6 +26,7 @@
 
 #include "multi_checks.h"
 #include "multi_shadow.h"
+#include "stochastic_checks.h"
 
 namespace ema_fused {
 namespace {
@@ -78,11 +79,25 @@ void evict_beyond_capacity() {
   }
 }
 
-// Launch profiles [g, end) of `plan`: one table (cached), one kernel.
+// What a stochastic update adds: every profile's seed (by profile number k), the offset,
+// and the params' counter words.
+struct StochasticArgs {
+  at::IntArrayRef seeds;
+  int64_t offset;
+  at::IntArrayRef positions, starts;
+};
+
+// Launch profiles [g, end) of `plan`: one table (cached), one kernel.  `sr` set: a
+// stochastic update (its tables have their own keys: their rows hold the counter words).
 void launch_group(const char* op, at::TensorList shadows, at::TensorList params,
                   const MultiPlan& plan, size_t g, size_t end, const at::Device& device,
-                  const c10::cuda::CUDAStream& stream) {
+                  const c10::cuda::CUDAStream& stream, const StochasticArgs* sr = nullptr) {
   std::vector<int64_t> key = table_key(shadows, params, plan, g, end, device.index());
+  if (sr != nullptr) {
+    key.push_back(-1);  // the marker of a stochastic table (no other word is negative)
+    key.insert(key.end(), sr->positions.begin(), sr->positions.end());
+    key.insert(key.end(), sr->starts.begin(), sr->starts.end());
+  }
   const bool capturing =
       c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
   at::Tensor words;
@@ -98,19 +113,21 @@ void launch_group(const char* op, at::TensorList shadows, at::TensorList params,
                   " params is not built yet, and it cannot be built while a CUDA graph is "
                   "being captured; run the same call once before capturing (a warm-up step)");
       check_multi_overlaps(op, shadows, params);
-      const int64_t size = multi_table_size(plan.pairs, g, end);
+      const int64_t size = multi_table_size(plan.pairs, g, end, sr != nullptr);
       MultiTable fresh;
       fresh.key = std::move(key);
       fresh.words = at::empty({size}, at::TensorOptions().dtype(at::kLong).device(device));
       at::Tensor host = at::empty({size}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-      fill_multi_table(plan.pairs, g, end, host.data_ptr<int64_t>(), fresh.words.data_ptr());
+      fill_multi_table(plan.pairs, g, end, host.data_ptr<int64_t>(), fresh.words.data_ptr(),
+                       sr != nullptr ? sr->positions.data() : nullptr,
+                       sr != nullptr ? sr->starts.data() : nullptr);
       fresh.words.copy_(host, /*non_blocking=*/true);  // the host block is kept until done
       cudaEvent_t raw = nullptr;
       C10_CUDA_CHECK(cudaEventCreateWithFlags(&raw, cudaEventDisableTiming));
       fresh.copied = std::shared_ptr<CUevent_st>(raw, [](cudaEvent_t e) { cudaEventDestroy(e); });
       C10_CUDA_CHECK(cudaEventRecord(raw, stream.stream()));
       fresh.n_rows = static_cast<int64_t>(plan.pairs[g].size());
-      fresh.n_tiles = size - fresh.n_rows * (kMultiHead + static_cast<int64_t>(end - g));
+      fresh.n_tiles = size - fresh.n_rows * multi_row_words(static_cast<int>(end - g), sr != nullptr);
       fresh.streams.push_back(stream.id());
       cache.push_front(std::move(fresh));
     }
@@ -126,14 +143,28 @@ void launch_group(const char* op, at::TensorList shadows, at::TensorList params,
               " tiles are more than one launch can take");
   MultiWeights ws{};
   for (size_t j = g; j < end; ++j) ws.w[j - g] = plan.weights[j];
-  multi_tiles_kernel<<<static_cast<unsigned>(n_tiles), kThreads, 0, stream.stream()>>>(
-      words.data_ptr<int64_t>(), n_rows, static_cast<int>(end - g), ws);
+  const auto blocks = static_cast<unsigned>(n_tiles);
+  if (sr == nullptr) {
+    multi_tiles_kernel<<<blocks, kThreads, 0, stream.stream()>>>(
+        words.data_ptr<int64_t>(), n_rows, static_cast<int>(end - g), ws);
+  } else {
+    MultiKeys ks{};
+    for (size_t j = g; j < end; ++j) {
+      const auto seed = static_cast<uint64_t>(sr->seeds[plan.active[j]]);
+      ks.k0[j - g] = uint32_t(seed);
+      ks.k1[j - g] = uint32_t(seed >> 32);
+    }
+    const auto offset = static_cast<uint64_t>(sr->offset);
+    ks.off_lo = uint32_t(offset);
+    ks.off_hi = uint32_t(offset >> 32);
+    multi_stochastic_tiles_kernel<<<blocks, kThreads, 0, stream.stream()>>>(
+        words.data_ptr<int64_t>(), n_rows, static_cast<int>(end - g), ws, ks);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void kernel_multi_update_cuda(at::TensorList shadows, at::TensorList params,
-                              c10::ArrayRef<double> weights) {
-  const char* op = "kernel_multi_update_";
+void multi_update(const char* op, at::TensorList shadows, at::TensorList params,
+                  c10::ArrayRef<double> weights, const StochasticArgs* sr) {
   if (params.empty() || weights.empty()) {
     check_multi(op, shadows, params, weights, at::Device(at::kCUDA, 0));
     return;
@@ -142,6 +173,7 @@ void kernel_multi_update_cuda(at::TensorList shadows, at::TensorList params,
   const at::Device device = params[0].device();
   TORCH_CHECK(device.is_cuda(), op, ": params[0] is on ", device, "; this kernel runs on CUDA");
   const MultiPlan plan = check_multi(op, shadows, params, weights, device);
+  if (sr != nullptr) check_rounded_profiles(op, plan);
   if (plan.active.empty() || plan.pairs[0].empty()) {  // nothing moves: still refuse overlaps
     check_multi_overlaps(op, shadows, params);
     return;
@@ -150,8 +182,26 @@ void kernel_multi_update_cuda(at::TensorList shadows, at::TensorList params,
   const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(device.index());
   for (size_t g = 0; g < plan.active.size(); g += kMaxProfiles) {
     const size_t end = std::min(plan.active.size(), g + static_cast<size_t>(kMaxProfiles));
-    launch_group(op, shadows, params, plan, g, end, device, stream);
+    launch_group(op, shadows, params, plan, g, end, device, stream, sr);
   }
+}
+
+void kernel_multi_update_cuda(at::TensorList shadows, at::TensorList params,
+                              c10::ArrayRef<double> weights) {
+  multi_update("kernel_multi_update_", shadows, params, weights, nullptr);
+}
+
+// Profile k as kernel_update_stochastic_ with seeds[k] (16-bit shadows only).
+void kernel_multi_update_stochastic_cuda(at::TensorList shadows, at::TensorList params,
+                                         c10::ArrayRef<double> weights, at::IntArrayRef seeds,
+                                         int64_t offset, at::IntArrayRef positions,
+                                         at::IntArrayRef starts) {
+  const char* op = "kernel_multi_update_stochastic_";
+  TORCH_CHECK_VALUE(seeds.size() == weights.size(), op, ": ", weights.size(), " weights but ",
+                    seeds.size(), " seeds (one per profile)");
+  check_counters(op, params, positions, starts);
+  const StochasticArgs sr{seeds, offset, positions, starts};
+  multi_update(op, shadows, params, weights, &sr);
 }
 
 }  // namespace
@@ -159,4 +209,5 @@ void kernel_multi_update_cuda(at::TensorList shadows, at::TensorList params,
 
 TORCH_LIBRARY_IMPL(ema_fused, CUDA, m) {
   m.impl("kernel_multi_update_", &ema_fused::kernel_multi_update_cuda);
+  m.impl("kernel_multi_update_stochastic_", &ema_fused::kernel_multi_update_stochastic_cuda);
 }

@@ -32,4 +32,15 @@ TORCH_LIBRARY_FRAGMENT(ema_fused, m) {
   // profile-major; n = len(params)) gets kernel_update_'s result for params[i] and
   // weights[k], each param read once (cpu_multi_shadow.cpp, cuda_multi_shadow.cu).
   m.def("kernel_multi_update_(Tensor(a!)[] shadows, Tensor[] params, float[] weights) -> ()");
+  // kernel_update_ for bfloat16/float16 shadows, the fp32 result rounded stochastically
+  // (stochastic.h): element e of pair i is element starts[i] + e of its tensor, and its
+  // random bits come from the Philox4x32-10 draw of counter ((starts[i] + e) / 8,
+  // positions[i], offset) under key seed (seed and offset: 64-bit unsigned numbers in
+  // two's complement).  Weight 0 and 1 as kernel_update_ (nothing random in either).
+  m.def("kernel_update_stochastic_(Tensor(a!)[] shadows, Tensor[] params, float weight, "
+        "bool skip_nonfinite, int seed, int offset, int[] positions, int[] starts) -> ()");
+  // kernel_multi_update_ rounded stochastically: profile k as kernel_update_stochastic_ with
+  // seeds[k]; positions and starts are the params'.
+  m.def("kernel_multi_update_stochastic_(Tensor(a!)[] shadows, Tensor[] params, "
+        "float[] weights, int[] seeds, int offset, int[] positions, int[] starts) -> ()");
 }

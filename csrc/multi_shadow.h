@@ -33,6 +33,9 @@ namespace ema_fused {
 // many, each group reading the params once.
 constexpr int kMaxProfiles = 8;
 constexpr int kMultiHead = 3;  // row words before the shadows: param offset, numel, codes
+// A stochastic update's rows add the param's counter words (position, start) after the
+// head: its shadows then start at word kMultiHead + 2.
+constexpr int kMultiCounters = 2;
 
 // Per thread, for the emulation's counters: a tile entry read; the param's elements of a
 // tile loaded as vectors / as elements / guarded; one profile's shadow elements of a tile
@@ -45,6 +48,12 @@ enum MultiTrace {
 
 struct MultiWeights {
   float w[kMaxProfiles];
+};
+
+// A stochastic launch's keys (profile j draws with seed k0[j] | k1[j] << 32) and offset.
+struct MultiKeys {
+  uint32_t k0[kMaxProfiles], k1[kMaxProfiles];
+  uint32_t off_lo, off_hi;
 };
 
 inline bool on_vector_grid(const void* p, int size) {
@@ -65,25 +74,39 @@ inline int64_t multi_codes(const std::vector<std::vector<Pair>>& pairs, size_t g
   return code;
 }
 
+// Words of one row: the head, a stochastic update's counters, one word per profile.
+EMA_HD int64_t multi_row_words(int profiles, bool stochastic) {
+  return kMultiHead + (stochastic ? kMultiCounters : 0) + profiles;
+}
+
 // Words of the table for profiles [g, end) of `pairs` ([profile][row]): one row of
-// kMultiHead + (end - g) words per param, then one word per tile, (row << 32) | tile.
+// multi_row_words per param, then one word per tile, (row << 32) | tile.
 inline int64_t multi_table_size(const std::vector<std::vector<Pair>>& pairs, size_t g,
-                                size_t end) {
+                                size_t end, bool stochastic = false) {
   int64_t words = 0;
-  for (const Pair& p : pairs[g]) words += kMultiHead + (end - g) + (p.numel + kTile - 1) / kTile;
+  for (const Pair& p : pairs[g]) {
+    words += multi_row_words(static_cast<int>(end - g), stochastic) + (p.numel + kTile - 1) / kTile;
+  }
   return words;
 }
 
 // Addresses as byte offsets from the table (as fill_table does: nvcc then knows every
-// access is global).  `out` is, or will be copied to, the table at `table`.
+// access is global).  `out` is, or will be copied to, the table at `table`.  With
+// `positions` and `starts` (the params', indexed like the caller's list) the rows of a
+// stochastic update.
 inline void fill_multi_table(const std::vector<std::vector<Pair>>& pairs, size_t g, size_t end,
-                             int64_t* out, const void* table) {
+                             int64_t* out, const void* table, const int64_t* positions = nullptr,
+                             const int64_t* starts = nullptr) {
   const auto base = reinterpret_cast<uintptr_t>(table);
   const size_t rows = pairs[g].size();
   for (size_t r = 0; r < rows; ++r) {
     *out++ = static_cast<int64_t>(reinterpret_cast<uintptr_t>(pairs[g][r].b) - base);
     *out++ = pairs[g][r].numel;
     *out++ = multi_codes(pairs, g, end, r);
+    if (positions != nullptr) {
+      *out++ = positions[pairs[g][r].index];
+      *out++ = starts[pairs[g][r].index];
+    }
     for (size_t j = g; j < end; ++j) {
       *out++ = static_cast<int64_t>(reinterpret_cast<uintptr_t>(pairs[j][r].a) - base);
     }
@@ -103,6 +126,18 @@ EMA_HD float weight_of(const MultiWeights& ws, int j) {
   return w;
 }
 
+// Profile j's draws for a row at `position`, `start` (selects, as weight_of).
+EMA_HD Stochastic stream_of(const MultiKeys& ks, int j, const int64_t* row) {
+  uint32_t k0 = ks.k0[0], k1 = ks.k1[0];
+#pragma unroll
+  for (int q = 1; q < kMaxProfiles; ++q) {
+    k0 = j == q ? ks.k0[q] : k0;
+    k1 = j == q ? ks.k1[q] : k1;
+  }
+  return {{k0, k1, static_cast<uint32_t>(row[kMultiHead]), ks.off_lo, ks.off_hi},
+          static_cast<uint64_t>(row[kMultiHead + 1])};
+}
+
 // Thread t's param elements of a full tile: kUnroll vectors of kVec, all loads issued
 // before any use, in full_tile's layout (consecutive threads, consecutive vectors).
 template <typename P, bool kVectorP>
@@ -120,60 +155,73 @@ EMA_HD void load_param(const P* __restrict__ p, int t, Vec<P> (&vp)[kUnroll]) {
   }
 }
 
+// Shadow vectors in flight per profile and thread: all kUnroll for the nearest update; half
+// for the stochastic one, whose draws need registers too (all four spilled 48 bytes in
+// its kernel at the 64-register cap, sm_90; the param's 16 fp32 registers stay live
+// across the profiles).
+template <typename R>
+constexpr int kShadowBatch = kUnroll;
+template <>
+constexpr int kShadowBatch<Stochastic> = kUnroll / 2;
+
 // One profile's shadow elements of a full tile, from the param registers.  K: Update, or
-// Copy with scale 1 (weight 1: the shadow is not read).
-template <Kind K, typename S, bool kVectorS, typename P>
-EMA_HD void shadow_full(S* __restrict__ s, const Vec<P> (&vp)[kUnroll], int t, float w) {
+// Copy with scale 1 (weight 1: the shadow is not read).  `round` as in full_tile.
+template <Kind K, typename S, bool kVectorS, typename P, typename R = Nearest>
+EMA_HD void shadow_full(S* __restrict__ s, const Vec<P> (&vp)[kUnroll], int t, float w,
+                        const R& round = R(), int64_t first = 0) {
   EMA_FUSED_MULTI_TRACE(kVectorS ? kMTraceShadowVector : kMTraceShadowScalar);
-  Vec<S> vs[kUnroll];
+  constexpr int kBatch = kShadowBatch<R>;
 #pragma unroll
-  for (int u = 0; u < kUnroll; ++u) {
-    const int64_t i = (int64_t(u) * kThreads + t) * kVec;
-    if (kReadsA<K>) {
-      if (kVectorS) {
-        vs[u] = *reinterpret_cast<const Vec<S>*>(s + i);
-      } else {
+  for (int h = 0; h < kUnroll; h += kBatch) {
+    Vec<S> vs[kBatch];
 #pragma unroll
-        for (int k = 0; k < kVec; ++k) vs[u].v[k] = s[i + k];
+    for (int u = 0; u < kBatch; ++u) {
+      const int64_t i = (int64_t(h + u) * kThreads + t) * kVec;
+      if (kReadsA<K>) {
+        if (kVectorS) {
+          vs[u] = *reinterpret_cast<const Vec<S>*>(s + i);
+        } else {
+#pragma unroll
+          for (int k = 0; k < kVec; ++k) vs[u].v[k] = s[i + k];
+        }
       }
     }
-  }
 #pragma unroll
-  for (int u = 0; u < kUnroll; ++u) {
-#pragma unroll
-    for (int k = 0; k < kVec; ++k) {
-      P y = vp[u].v[k];
-      apply<K>(vs[u].v[k], y, w);
+    for (int u = 0; u < kBatch; ++u) {
+      Vec<P> y = vp[h + u];
+      round.template vec<K>(vs[u], y, w, first + (int64_t(h + u) * kThreads + t) * kVec);
     }
-  }
 #pragma unroll
-  for (int u = 0; u < kUnroll; ++u) {
-    const int64_t i = (int64_t(u) * kThreads + t) * kVec;
-    if (kVectorS) {
-      *reinterpret_cast<Vec<S>*>(s + i) = vs[u];
-    } else {
+    for (int u = 0; u < kBatch; ++u) {
+      const int64_t i = (int64_t(h + u) * kThreads + t) * kVec;
+      if (kVectorS) {
+        *reinterpret_cast<Vec<S>*>(s + i) = vs[u];
+      } else {
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) s[i + k] = vs[u].v[k];
+        for (int k = 0; k < kVec; ++k) s[i + k] = vs[u].v[k];
+      }
     }
   }
 }
 
-// The ends as run_block has them: 0 changes nothing, 1 copies (scale 1), else the lerp.
-template <typename S, typename P>
-EMA_HD void shadow_full_any(S* s, bool vector_s, const Vec<P> (&vp)[kUnroll], int t, float w) {
+// The ends as run_block has them: 0 changes nothing, 1 copies (scale 1), else the lerp
+// (rounded as `round` says; the copy is exact).
+template <typename S, typename P, typename R = Nearest>
+EMA_HD void shadow_full_any(S* s, bool vector_s, const Vec<P> (&vp)[kUnroll], int t, float w,
+                            const R& round = R(), int64_t first = 0) {
   if (w == 0.0f) return;
   if (w == 1.0f) EMA_FUSED_MULTI_TRACE(kMTraceShadowCopy);
   if (w == 1.0f && vector_s) return shadow_full<Kind::Copy, S, true>(s, vp, t, 1.0f);
   if (w == 1.0f) return shadow_full<Kind::Copy, S, false>(s, vp, t, 1.0f);
-  if (vector_s) return shadow_full<Kind::Update, S, true>(s, vp, t, w);
-  shadow_full<Kind::Update, S, false>(s, vp, t, w);
+  if (vector_s) return shadow_full<Kind::Update, S, true>(s, vp, t, w, round, first);
+  shadow_full<Kind::Update, S, false>(s, vp, t, w, round, first);
 }
 
 // One batch of kVec guarded elements (h .. h + kVec - 1 of thread t, element
 // j * kThreads + t as partial_tile has them) of one profile's shadow.
-template <typename S, typename P>
+template <typename S, typename P, typename R = Nearest>
 EMA_HD void shadow_batch(S* __restrict__ s, const P (&xp)[kVec], int h, int64_t len, int t,
-                         float w) {
+                         float w, const R& round = R(), int64_t first = 0) {
   if (w == 0.0f) return;
   S xs[kVec];
 #pragma unroll
@@ -189,7 +237,7 @@ EMA_HD void shadow_batch(S* __restrict__ s, const P (&xp)[kVec], int h, int64_t 
       if (w == 1.0f) {
         apply<Kind::Copy>(xs[j], y, 1.0f);
       } else {
-        apply<Kind::Update>(xs[j], y, w);
+        round.template one<Kind::Update>(xs[j], y, w, first + i);
       }
       s[i] = xs[j];
     }
@@ -207,10 +255,26 @@ EMA_HD void with_shadow(char* at, int64_t c, int64_t start, F&& f) {
   }
 }
 
+// Profile j's part of a tile: `f(s)` with the shadow pointer `s` at element `start`, and
+// the rounding of a nearest (`round` unused) or a stochastic update (profile j's stream:
+// 16-bit shadows only, as the op checks).
+template <bool kStochastic, typename F>
+EMA_HD void with_profile(char* base, const int64_t* row, int j, int64_t c, int64_t start,
+                         const MultiKeys& ks, F&& f) {
+  constexpr int kFirst = kMultiHead + (kStochastic ? kMultiCounters : 0);
+  with_shadow(base + row[kFirst + j], c, start, [&](auto* s) {
+    if constexpr (!kStochastic) {
+      f(s, Nearest());
+    } else if constexpr (!std::is_same<std::remove_pointer_t<decltype(s)>, float>::value) {
+      f(s, stream_of(ks, j, row));
+    }
+  });
+}
+
 // Thread t's share of tile `tile` of a row whose param has dtype P.
-template <typename P>
+template <typename P, bool kStochastic = false>
 EMA_HD void multi_row_tile(char* base, const int64_t* row, int n_profiles, int64_t tile, int t,
-                           const MultiWeights& ws) {
+                           const MultiWeights& ws, const MultiKeys& ks) {
   const P* p = reinterpret_cast<const P*>(base + row[0]);
   const int64_t n = row[1], code = row[2];
   const int64_t start = tile * kTile;
@@ -226,8 +290,9 @@ EMA_HD void multi_row_tile(char* base, const int64_t* row, int n_profiles, int64
     for (int j = 0; j < n_profiles; ++j) {
       const int64_t c = code >> (3 * j + 3);
       const float w = weight_of(ws, j);
-      with_shadow(base + row[kMultiHead + j], c, start,
-                  [&](auto* s) { shadow_full_any(s, (c & 4) != 0, vp, t, w); });
+      with_profile<kStochastic>(base, row, j, c, start, ks, [&](auto* s, const auto& round) {
+        shadow_full_any(s, (c & 4) != 0, vp, t, w, round, start);
+      });
     }
     return;
   }
@@ -247,25 +312,29 @@ EMA_HD void multi_row_tile(char* base, const int64_t* row, int n_profiles, int64
       const float w = weight_of(ws, j);
       if (h == 0 && w != 0.0f) EMA_FUSED_MULTI_TRACE(kMTraceShadowGuarded);
       if (h == 0 && w == 1.0f) EMA_FUSED_MULTI_TRACE(kMTraceShadowCopy);
-      with_shadow(base + row[kMultiHead + j], c, start,
-                  [&](auto* s) { shadow_batch(s, xp, h, len, t, w); });
+      with_profile<kStochastic>(base, row, j, c, start, ks, [&](auto* s, const auto& round) {
+        shadow_batch(s, xp, h, len, t, w, round, start);
+      });
     }
   }
 }
 
-// What one block does: tile entry e of a table of n_rows rows for n_profiles profiles.
+// What one block does: tile entry e of a table of n_rows rows for n_profiles profiles
+// (kStochastic: a stochastic update's table and keys).
+template <bool kStochastic = false>
 EMA_HD void run_multi_block(const int64_t* table, int64_t n_rows, int n_profiles, int64_t e,
-                            int t, const MultiWeights& ws) {
+                            int t, const MultiWeights& ws, const MultiKeys& ks = MultiKeys{}) {
   EMA_FUSED_MULTI_TRACE(kMTraceTable);
   char* base = const_cast<char*>(reinterpret_cast<const char*>(table));
-  const int64_t words = kMultiHead + n_profiles;
+  const int64_t words = multi_row_words(n_profiles, kStochastic);
   const int64_t entry = table[n_rows * words + e];
   const int64_t* row = table + (entry >> 32) * words;
   const int64_t tile = entry & 0xffffffffLL;
   switch (row[2] & 3) {
-    case kFloat: return multi_row_tile<float>(base, row, n_profiles, tile, t, ws);
-    case kBFloat16: return multi_row_tile<c10::BFloat16>(base, row, n_profiles, tile, t, ws);
-    case kHalf: return multi_row_tile<c10::Half>(base, row, n_profiles, tile, t, ws);
+    case kFloat: return multi_row_tile<float, kStochastic>(base, row, n_profiles, tile, t, ws, ks);
+    case kBFloat16:
+      return multi_row_tile<c10::BFloat16, kStochastic>(base, row, n_profiles, tile, t, ws, ks);
+    case kHalf: return multi_row_tile<c10::Half, kStochastic>(base, row, n_profiles, tile, t, ws, ks);
     default: return;
   }
 }
@@ -275,6 +344,12 @@ __global__ void __launch_bounds__(kThreads, 4)
     multi_tiles_kernel(const int64_t* __restrict__ table, int64_t n_rows, int n_profiles,
                        MultiWeights ws) {
   run_multi_block(table, n_rows, n_profiles, blockIdx.x, threadIdx.x, ws);
+}
+
+__global__ void __launch_bounds__(kThreads, 4)
+    multi_stochastic_tiles_kernel(const int64_t* __restrict__ table, int64_t n_rows,
+                                  int n_profiles, MultiWeights ws, MultiKeys ks) {
+  run_multi_block<true>(table, n_rows, n_profiles, blockIdx.x, threadIdx.x, ws, ks);
 }
 #endif
 

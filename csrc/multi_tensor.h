@@ -23,7 +23,10 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
+
+#include "stochastic.h"
 
 #if defined(__CUDACC__)
 #define EMA_HD __host__ __device__ __forceinline__
@@ -45,6 +48,9 @@ constexpr int kUnroll = 4;     // vector accesses in flight per thread and opera
 constexpr int kPerThread = kVec * kUnroll;                 // 16 elements
 constexpr int64_t kTile = int64_t(kThreads) * kPerThread;  // 4096 elements
 constexpr int kRow = 4;        // int64 words per tensor row: a, b, numel, code
+// A stochastic update's rows add the counter words of their pair: position, start
+// (stochastic.h; the index in its tensor of the pair's element 0).
+constexpr int kRowStochastic = 6;
 
 // UpdateFinite / CopyFinite: Update / Copy that leave an element of `a` as it was where
 // its `b` element is NaN or +-Inf (skip_nonfinite), decided per element in registers.
@@ -95,25 +101,32 @@ inline int64_t tiles_of(const Pair& p) {
   return rest <= 0 ? 1 : (rest + kTile - 1) / kTile;
 }
 
-// Table words for these pairs: n rows of kRow words, then one word per tile,
+// Table words for these pairs: n rows of `row` words, then one word per tile,
 // (row << 32) | tile.
-inline int64_t table_size(const std::vector<Pair>& pairs) {
+inline int64_t table_size(const std::vector<Pair>& pairs, int row = kRow) {
   int64_t n_tiles = 0;
   for (const Pair& p : pairs) n_tiles += tiles_of(p);
-  return static_cast<int64_t>(pairs.size()) * kRow + n_tiles;
+  return static_cast<int64_t>(pairs.size()) * row + n_tiles;
 }
 
 // Writes the table_size(pairs) words into `out`, which is (or will be copied to) the
 // table at address `table`.  Rows hold the tensors' addresses as byte offsets from the
 // table: the kernel adds them to its table parameter, so nvcc knows every access is to
 // global memory and emits LDG/STG (an address loaded from memory would be generic).
-inline void fill_table(const std::vector<Pair>& pairs, int64_t* out, const void* table) {
+// With `positions` and `starts` (a stochastic update's, indexed like the caller's
+// lists), rows of kRowStochastic words: table_size(pairs, kRowStochastic).
+inline void fill_table(const std::vector<Pair>& pairs, int64_t* out, const void* table,
+                       const int64_t* positions = nullptr, const int64_t* starts = nullptr) {
   const auto base = reinterpret_cast<uintptr_t>(table);
   for (const Pair& p : pairs) {
     *out++ = static_cast<int64_t>(reinterpret_cast<uintptr_t>(p.a) - base);
     *out++ = static_cast<int64_t>(reinterpret_cast<uintptr_t>(p.b) - base);
     *out++ = p.numel;
     *out++ = row_code(p);
+    if (positions != nullptr) {
+      *out++ = positions[p.index];
+      *out++ = starts[p.index];
+    }
   }
   for (size_t r = 0; r < pairs.size(); ++r) {
     for (int64_t t = 0; t < tiles_of(pairs[r]); ++t) *out++ = (static_cast<int64_t>(r) << 32) | t;
@@ -172,14 +185,79 @@ constexpr bool kReadsA = K != Kind::Copy;  // copy-out never reads its destinati
 template <Kind K>
 constexpr bool kWritesB = K == Kind::Swap;
 
+// The stochastic update of one 16-bit shadow element (stochastic.h): the fp32 result
+// without FMA, rounded with the element's 16 random bits `r`.  Update and UpdateFinite
+// only (their ends, weight 0 and 1, never get here: run_block_stochastic).
+template <Kind K, typename A, typename B>
+EMA_HD void apply_stochastic(A& a, const B& b, float s, uint32_t r) {
+  static_assert(K == Kind::Update || K == Kind::UpdateFinite, "an update only");
+  const float y = static_cast<float>(b);
+  const float x = sr::lerp_unfused(static_cast<float>(a), y, s);
+  uint16_t bits;
+  if constexpr (std::is_same<A, c10::BFloat16>::value) {
+    bits = sr::round_bf16(x, r);
+  } else {
+    static_assert(std::is_same<A, c10::Half>::value, "a 16-bit shadow only");
+    bits = sr::round_f16(x, r);
+  }
+  const A out(bits, A::from_bits());
+  if constexpr (K == Kind::Update) {
+    a = out;
+  } else {
+    a = is_finite_value(y) ? out : a;
+  }
+}
+
+// How elements are rounded into the first tensor, as a policy of the tile code: Nearest
+// is apply<K> (the index is unused, and compiled away); Stochastic draws each element's
+// bits from its index in its tensor (`base` + the index in the row).  A vector of kVec
+// elements takes one draw (two where it straddles a group of 8: a misaligned tensor).
+struct Nearest {
+  template <Kind K, typename A, typename B>
+  EMA_HD void one(A& a, B& b, float s, int64_t) const { apply<K>(a, b, s); }
+  template <Kind K, typename A, typename B>
+  EMA_HD void vec(Vec<A>& a, Vec<B>& b, float s, int64_t) const {
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) apply<K>(a.v[k], b.v[k], s);
+  }
+};
+
+struct Stochastic {
+  sr::Stream st;
+  uint64_t base;  // the row's start: the index in its tensor of the pair's element 0
+  template <Kind K, typename A, typename B>
+  EMA_HD void one(A& a, B& b, float s, int64_t i) const {
+    const uint64_t e = base + static_cast<uint64_t>(i);
+    apply_stochastic<K>(a, b, s, sr::bits16(sr::draw(st, e >> 3), uint32_t(e) & 7u));
+  }
+  template <Kind K, typename A, typename B>
+  EMA_HD void vec(Vec<A>& a, Vec<B>& b, float s, int64_t i) const {
+    const uint64_t e = base + static_cast<uint64_t>(i);
+    const uint32_t lane = uint32_t(e) & 7u;
+    const sr::Draw d = sr::draw(st, e >> 3);
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) {
+      if (lane + k < 8u) apply_stochastic<K>(a.v[k], b.v[k], s, sr::bits16(d, lane + k));
+    }
+    if (lane > 8u - kVec) {  // the vector straddles two groups (a misaligned tensor only):
+      const sr::Draw next = sr::draw(st, (e >> 3) + 1);  // drawn once `d` is dead
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) {
+        if (lane + k >= 8u) apply_stochastic<K>(a.v[k], b.v[k], s, sr::bits16(next, lane + k - 8u));
+      }
+    }
+  }
+};
+
 // A full tile of kTile elements from a (vector-aligned) and b.  Each thread issues all
 // its loads before any math, kUnroll 16-byte (fp32) vector loads per operand, so several
 // are in flight; consecutive threads touch consecutive vectors, so each warp access is
 // coalesced.  A b that cannot be vector-aligned together with a (the two start at
 // different offsets) is read and written as the same kVec elements one by one: a is
 // 8 of the 10 bytes of a bf16 -> fp32 update, and the L1 serves b's repeated lines.
-template <Kind K, bool kVectorB, typename A, typename B>
-EMA_HD void full_tile(A* __restrict__ a, B* __restrict__ b, int t, float s) {
+template <Kind K, bool kVectorB, typename A, typename B, typename R = Nearest>
+EMA_HD void full_tile(A* __restrict__ a, B* __restrict__ b, int t, float s, const R& round = R(),
+                      int64_t first = 0) {
   EMA_FUSED_TRACE(kVectorB ? kTraceFullVector : kTraceFullScalarB);
   Vec<A> va[kUnroll];
   Vec<B> vb[kUnroll];
@@ -196,8 +274,7 @@ EMA_HD void full_tile(A* __restrict__ a, B* __restrict__ b, int t, float s) {
   }
 #pragma unroll
   for (int u = 0; u < kUnroll; ++u) {
-#pragma unroll
-    for (int k = 0; k < kVec; ++k) apply<K>(va[u].v[k], vb[u].v[k], s);
+    round.template vec<K>(va[u], vb[u], s, first + (int64_t(u) * kThreads + t) * kVec);
   }
 #pragma unroll
   for (int u = 0; u < kUnroll; ++u) {
@@ -220,8 +297,9 @@ EMA_HD void full_tile(A* __restrict__ a, B* __restrict__ b, int t, float s) {
 // cap of __launch_bounds__(256, 4) (ptxas -v, sm_90: all 16 at once, 60-68 bytes in the
 // update and copy kernels; batches of 8, 68 bytes in the update kernel; batches of 4:
 // none, 48 registers).  Partial tiles are at most one per tensor.
-template <Kind K, typename A, typename B>
-EMA_HD void partial_tile(A* __restrict__ a, B* __restrict__ b, int64_t len, int t, float s) {
+template <Kind K, typename A, typename B, typename R = Nearest>
+EMA_HD void partial_tile(A* __restrict__ a, B* __restrict__ b, int64_t len, int t, float s,
+                         const R& round = R(), int64_t first = 0) {
   EMA_FUSED_TRACE(kTraceGuarded);
   constexpr int kBatch = kVec;
 #pragma unroll
@@ -240,7 +318,7 @@ EMA_HD void partial_tile(A* __restrict__ a, B* __restrict__ b, int64_t len, int 
     for (int j = 0; j < kBatch; ++j) {
       const int64_t i = int64_t(h + j) * kThreads + t;
       if (i < len) {
-        apply<K>(xa[j], xb[j], s);
+        round.template one<K>(xa[j], xb[j], s, first + i);
         a[i] = xa[j];
         if (kWritesB<K>) b[i] = xb[j];
       }
@@ -249,10 +327,11 @@ EMA_HD void partial_tile(A* __restrict__ a, B* __restrict__ b, int64_t len, int 
 }
 
 // Thread t's share of tile `tile` of one row: on tile 0, threads below the head take
-// one head element each; then the tile's kTile elements after the head.
-template <Kind K, typename A, typename B>
+// one head element each; then the tile's kTile elements after the head.  `round` gets
+// each element's index in the row.
+template <Kind K, typename A, typename B, typename R = Nearest>
 EMA_HD void row_tile(char* base, int64_t a_offset, int64_t b_offset, int64_t n, int64_t head,
-                     int64_t tile, bool vector_b, int t, float s) {
+                     int64_t tile, bool vector_b, int t, float s, const R& round = R()) {
   A* a = reinterpret_cast<A*>(base + a_offset);
   B* b = reinterpret_cast<B*>(base + b_offset);
   if (tile == 0 && t < head && t < n) {
@@ -260,29 +339,40 @@ EMA_HD void row_tile(char* base, int64_t a_offset, int64_t b_offset, int64_t n, 
     A x{};
     if (kReadsA<K>) x = a[t];
     B y = b[t];
-    apply<K>(x, y, s);
+    round.template one<K>(x, y, s, t);
     a[t] = x;
     if (kWritesB<K>) b[t] = y;
   }
   const int64_t start = head + tile * kTile;
   const int64_t len = n - start < kTile ? n - start : kTile;
   if (len == kTile && vector_b) {
-    full_tile<K, true>(a + start, b + start, t, s);
+    full_tile<K, true>(a + start, b + start, t, s, round, start);
   } else if (len == kTile) {
-    full_tile<K, false>(a + start, b + start, t, s);
+    full_tile<K, false>(a + start, b + start, t, s, round, start);
   } else if (len > 0) {
-    partial_tile<K>(a + start, b + start, len, t, s);
+    partial_tile<K>(a + start, b + start, len, t, s, round, start);
   }
 }
 
+// What a stochastic launch passes: the key (seed) and the offset words of stochastic.h's
+// counter; each row adds its position and start.
+struct RandomKey {
+  uint32_t k0, k1, off_lo, off_hi;
+};
+
 // Thread t's share of tile entry e of a table with n_rows rows.  Tensor addresses are
-// offsets from the table (fill_table); the table is never written.
-template <Kind K>
-EMA_HD void run_tile(const int64_t* table, int64_t n_rows, int64_t e, int t, float s) {
+// offsets from the table (fill_table); the table is never written.  kStochastic: a
+// stochastic update's table (rows of kRowStochastic words); its updates round with the
+// Stochastic policy (16-bit shadows only: the op refuses others), its copies (weight 1)
+// as the nearest path.
+template <Kind K, bool kStochastic = false>
+EMA_HD void run_tile(const int64_t* table, int64_t n_rows, int64_t e, int t, float s,
+                     const RandomKey& key = RandomKey{}) {
   EMA_FUSED_TRACE(kTraceTable);
+  constexpr int kWords = kStochastic ? kRowStochastic : kRow;
   char* base = const_cast<char*>(reinterpret_cast<const char*>(table));
-  const int64_t entry = table[n_rows * kRow + e];
-  const int64_t* row = table + (entry >> 32) * kRow;
+  const int64_t entry = table[n_rows * kWords + e];
+  const int64_t* row = table + (entry >> 32) * kWords;
   const int64_t tile = entry & 0xffffffffLL;
   const int64_t code = row[3];
   const int64_t head = (code >> kHeadShift) & 3;
@@ -291,7 +381,19 @@ EMA_HD void run_tile(const int64_t* table, int64_t n_rows, int64_t e, int t, flo
   using f32 = float;
   using bf16 = c10::BFloat16;
   using f16 = c10::Half;
-  if constexpr (K == Kind::Accumulate) {  // float32 out only (pairs.h): codes 0, 3, 6
+  if constexpr (kStochastic && (K == Kind::Update || K == Kind::UpdateFinite)) {
+    const Stochastic r{{key.k0, key.k1, static_cast<uint32_t>(row[4]), key.off_lo, key.off_hi},
+                       static_cast<uint64_t>(row[5])};
+    switch (code & 15) {
+      case 1: return row_tile<K, bf16, f32>(base, a, b, n, head, tile, vb, t, s, r);
+      case 2: return row_tile<K, f16, f32>(base, a, b, n, head, tile, vb, t, s, r);
+      case 4: return row_tile<K, bf16, bf16>(base, a, b, n, head, tile, vb, t, s, r);
+      case 5: return row_tile<K, f16, bf16>(base, a, b, n, head, tile, vb, t, s, r);
+      case 7: return row_tile<K, bf16, f16>(base, a, b, n, head, tile, vb, t, s, r);
+      case 8: return row_tile<K, f16, f16>(base, a, b, n, head, tile, vb, t, s, r);
+      default: return;
+    }
+  } else if constexpr (K == Kind::Accumulate) {  // float32 out only (pairs.h): codes 0, 3, 6
     switch (code & 15) {
       case 0: return row_tile<K, f32, f32>(base, a, b, n, head, tile, vb, t, s);
       case 3: return row_tile<K, f32, bf16>(base, a, b, n, head, tile, vb, t, s);
@@ -338,12 +440,31 @@ EMA_HD void run_block(const int64_t* table, int64_t n_rows, int64_t e, int t, fl
   run_tile<K>(table, n_rows, e, t, s);
 }
 
+// A stochastic update's block (Update or UpdateFinite, a table of kRowStochastic-word
+// rows): the ends as run_block has them (0: nothing, 1: the exact copy), else the
+// update rounded stochastically.
+template <Kind K>
+EMA_HD void run_block_stochastic(const int64_t* table, int64_t n_rows, int64_t e, int t, float s,
+                                 const RandomKey& key) {
+  constexpr Kind kCopy = K == Kind::Update ? Kind::Copy : Kind::CopyFinite;
+  if (s == 0.0f) return;
+  if (s == 1.0f) return run_tile<kCopy, true>(table, n_rows, e, t, 1.0f);
+  run_tile<K, true>(table, n_rows, e, t, s, key);
+}
+
 #if defined(__CUDACC__)
 template <Kind K>
 __global__ void __launch_bounds__(kThreads, 4)
     tiles_kernel(const int64_t* __restrict__ table, int64_t n_rows, float scalar,
                  const float* __restrict__ scalar_ptr) {
   run_block<K>(table, n_rows, blockIdx.x, threadIdx.x, scalar, scalar_ptr);
+}
+
+template <Kind K>
+__global__ void __launch_bounds__(kThreads, 4)
+    stochastic_tiles_kernel(const int64_t* __restrict__ table, int64_t n_rows, float scalar,
+                            RandomKey key) {
+  run_block_stochastic<K>(table, n_rows, blockIdx.x, threadIdx.x, scalar, key);
 }
 #endif
 

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 
 from .backends import foreach as _fallback
 from .backends import selection as _backend
 from .checks import multi as _multi_checks
+from .checks import rounding as _rounding
 from .checks import tensors as _validate
 
 Tensors = Sequence[torch.Tensor]
@@ -35,25 +36,39 @@ def group_by_device(a: Tensors, b: Tensors) -> dict[torch.device, tuple[list, li
     return groups
 
 
+def indices_by_device(a: Tensors) -> dict[torch.device, list[int]]:
+    """The indices of ``a``'s tensors on each device, in order."""
+    groups: dict[torch.device, list[int]] = {}
+    for i, x in enumerate(a):
+        groups.setdefault(x.device, []).append(i)
+    return groups
+
+
 def dispatch(kind: str, a: Tensors, b: Tensors, scalar: float, backend: str,
-             skip_nonfinite: bool = False) -> None:
+             skip_nonfinite: bool = False,
+             stochastic: Optional[_rounding.Stochastic] = None) -> None:
     """Pick a backend per device (all before writing), then run ``kind`` on each group.
 
     No input checks beyond the backends' own (each refuses pairs that share memory
     before writing): for callers that already hold checked inputs (``EMA`` makes its
     shadows itself and checks each model tensor's shape and dtype as it reads it).  With
     several devices the overlap check runs here first for all of them, so that a
-    refusal on the second device cannot follow writes on the first.
+    refusal on the second device cannot follow writes on the first.  ``stochastic``: an
+    update's counter words, one position and start per pair of ``a`` (each device's
+    backend gets those of its pairs).
     """
-    groups = group_by_device(a, b)
-    chosen = [(_backend.select(backend, dev), ga, gb) for dev, (ga, gb) in groups.items()]
+    groups = indices_by_device(a)
+    chosen = [(_backend.select(backend, dev), idx) for dev, idx in groups.items()]
     if len(chosen) > 1:
-        for _, ga, gb in chosen:
-            _validate.check_no_overlap(kind, ga, gb)
+        for _, idx in chosen:
+            _validate.check_no_overlap(kind, [a[i] for i in idx], [b[i] for i in idx])
     with torch.no_grad():  # params that require grad must not make the shadows part of a graph
-        for impl, ga, gb in chosen:
+        for impl, idx in chosen:
+            ga, gb = [a[i] for i in idx], [b[i] for i in idx]
             if kind == "swap":
                 (impl.swap_ or _fallback.swap_)(ga, gb)
+            elif kind == "update" and stochastic is not None:
+                impl.update_(ga, gb, scalar, skip_nonfinite, stochastic=stochastic.pick(idx))
             elif kind == "update":
                 impl.update_(ga, gb, scalar, skip_nonfinite)
             else:
@@ -113,6 +128,21 @@ def _update_graph_safe_fake(shadows, params, weight, backend, skip_nonfinite=Fal
     _check_update(shadows, params, weight)
 
 
+@torch.library.custom_op("ema_fused::update_stochastic_", mutates_args={"shadows"})
+def _update_stochastic_op(shadows: list[torch.Tensor], params: list[torch.Tensor], weight: float,
+                          backend: str, skip_nonfinite: bool, seed: int, offset: int) -> None:
+    weight = _check_update(shadows, params, weight)
+    spec = _rounding.spec("ema_update_", len(shadows), "stochastic", seed % _rounding.U64,
+                          offset % _rounding.U64)
+    dispatch("update", shadows, params, weight, backend, skip_nonfinite, spec)
+
+
+@_update_stochastic_op.register_fake
+def _update_stochastic_fake(shadows, params, weight, backend, skip_nonfinite, seed,
+                            offset) -> None:
+    _check_update(shadows, params, weight)
+
+
 @torch.library.custom_op("ema_fused::copy_", mutates_args={"dst"})
 def _copy_op(dst: list[torch.Tensor], src: list[torch.Tensor], scale: float, backend: str) -> None:
     scale = _check_copy(dst, src, scale)
@@ -155,7 +185,9 @@ def _run(kind: str, a: Tensors, b: Tensors, scalar: float, backend: str,
 
 
 def ema_update_(shadows: Tensors, params: Tensors, weight: float, *,
-                skip_nonfinite: bool = False, backend: str = "auto") -> None:
+                skip_nonfinite: bool = False, rounding: str = "nearest",
+                seed: Optional[int] = None, offset: Optional[int] = None,
+                backend: str = "auto") -> None:
     """In place, for every i: ``shadows[i] += weight * (params[i] - shadows[i])``.
 
     With ``weight = 1 - decay`` this is one EMA step.  Shadows and params may be
@@ -176,11 +208,33 @@ def ema_update_(shadows: Tensors, params: Tensors, weight: float, *,
         skip_nonfinite: leave a shadow element as it is where its param element is NaN
             or +-Inf (decided inside the kernels, per element: no extra pass, no host
             sync; the foreach fallback pays one temporary piece).
+        rounding: ``"nearest"`` (even), or ``"stochastic"``: a bfloat16/float16 shadow
+            gets the fp32 result rounded up or down at random, up with the probability
+            of the remainder's share of one ulp, so that it is an unbiased estimate of
+            the fp32 result (README, "16-bit shadows with stochastic rounding").  Wider
+            shadows need no rounding and are updated as with ``"nearest"``.
+        seed, offset: with ``rounding="stochastic"`` (both required): integers in
+            [0, 2**64).  The random bits of element e of ``shadows[i]`` are a function of
+            (seed, offset, i, e) alone, the same on every backend; give each call its own
+            offset (e.g. the step), or it repeats the previous call's bits.
         backend: ``"auto"`` or one of ``"cuda"``, ``"triton"``, ``"cpu"``, ``"foreach"``.
     """
     if not isinstance(skip_nonfinite, bool):
         raise TypeError(f"ema_update_: skip_nonfinite must be a bool, got {skip_nonfinite!r}")
-    _run("update", shadows, params, weight, backend, skip_nonfinite)
+    spec = _rounding.spec("ema_update_", len(shadows), rounding, seed, offset)
+    if spec is None:
+        _run("update", shadows, params, weight, backend, skip_nonfinite)
+        return
+    if isinstance(weight, torch.Tensor):
+        raise TypeError("ema_update_: rounding='stochastic' takes a Python number weight; the "
+                        "graph-safe tensor weight is not supported with it")
+    shadows, params = list(shadows), list(params)
+    if torch.compiler.is_compiling():
+        torch.ops.ema_fused.update_stochastic_(shadows, params, weight, backend, skip_nonfinite,
+                                               *spec.signed())
+        return
+    weight = _check_update(shadows, params, weight)
+    dispatch("update", shadows, params, weight, backend, skip_nonfinite, spec)
 
 
 def ema_copy_(dst: Tensors, src: Tensors, scale: float = 1.0, *, backend: str = "auto") -> None:
@@ -292,21 +346,23 @@ def ema_weighted_sum_(out: Tensors, inputs: Tensors, weight: float, *,
 # registered op takes the shadows flat, profile-major (a schema has no list of lists).
 
 def _dispatch_multi(shadows: list[list[torch.Tensor]], params: list[torch.Tensor],
-                    weights: list[float], backend: str) -> None:
+                    weights: list[float], backend: str,
+                    stochastic: Optional[_rounding.MultiStochastic] = None) -> None:
     """Pick a backend per device (all before writing), then update each device's share
     of every profile with it.  Overlaps are refused by each backend before it writes
     (and here for every device first when there are several)."""
-    by_device: dict[torch.device, list[int]] = {}
-    for i, p in enumerate(params):
-        by_device.setdefault(p.device, []).append(i)
-    chosen = [(_backend.select(backend, dev), idx) for dev, idx in by_device.items()]
+    chosen = [(_backend.select(backend, dev), idx) for dev, idx in indices_by_device(params).items()]
     if len(chosen) > 1:
         _multi_checks.check_no_overlap(shadows, params)
     with torch.no_grad():
         for impl, idx in chosen:
             fn = impl.multi_update_ or _fallback.multi_update_
-            fn([[profile[i] for i in idx] for profile in shadows], [params[i] for i in idx],
-               weights)
+            args = ([[profile[i] for i in idx] for profile in shadows], [params[i] for i in idx],
+                    weights)
+            if stochastic is None:
+                fn(*args)
+            else:
+                fn(*args, stochastic=stochastic.pick(idx))
 
 
 @torch.library.custom_op("ema_fused::multi_update_", mutates_args={"shadows"})
@@ -323,8 +379,27 @@ def _multi_update_fake(shadows, params, weights, backend) -> None:
                         weights)
 
 
+@torch.library.custom_op("ema_fused::multi_update_stochastic_", mutates_args={"shadows"})
+def _multi_update_stochastic_op(shadows: list[torch.Tensor], params: list[torch.Tensor],
+                                weights: list[float], backend: str, seeds: list[int],
+                                offset: int) -> None:
+    profiles = _multi_checks.unflatten(shadows, len(params), len(weights))
+    weights = _multi_checks.check(profiles, params, weights)
+    spec = _rounding.multi_spec("ema_multi_update_", len(params), len(weights), "stochastic",
+                                [s % _rounding.U64 for s in seeds], offset % _rounding.U64)
+    _dispatch_multi(profiles, list(params), weights, backend, spec)
+
+
+@_multi_update_stochastic_op.register_fake
+def _multi_update_stochastic_fake(shadows, params, weights, backend, seeds, offset) -> None:
+    _multi_checks.check(_multi_checks.unflatten(shadows, len(params), len(weights)), params,
+                        weights)
+
+
 def ema_multi_update_(shadows: Sequence[Tensors], params: Tensors, weights: Sequence[float], *,
-                      backend: str = "auto") -> None:
+                      rounding: str = "nearest",
+                      seed: Optional[Union[int, Sequence[int]]] = None,
+                      offset: Optional[int] = None, backend: str = "auto") -> None:
     """In place, for every profile k and every i:
     ``shadows[k][i] += weights[k] * (params[i] - shadows[k][i])``, reading each param once.
 
@@ -340,15 +415,26 @@ def ema_multi_update_(shadows: Sequence[Tensors], params: Tensors, weights: Sequ
         params: tensors read, once each.
         weights: K Python numbers in [0, 1]; 0 leaves profile k untouched (not read), 1
             copies the params into it exactly.
+        rounding, seed, offset: as in :func:`ema_update_`; profile k gets the bits of
+            ``ema_update_(shadows[k], params, weights[k], rounding="stochastic",
+            seed=seeds[k], offset=offset)``, where ``seed`` is the K ``seeds``, or one
+            integer s and then ``seeds[k] = s + k`` (mod 2**64).
         backend: ``"auto"`` or one of ``"cuda"``, ``"triton"``, ``"cpu"``, ``"foreach"``;
             pairs a kernel does not take (float64, non-contiguous) go to ``foreach``
             exactly as in :func:`ema_update_`.
     """
     profiles = _multi_checks.as_profiles(shadows)
     params = list(params)
+    spec = _rounding.multi_spec("ema_multi_update_", len(params), len(profiles), rounding,
+                                seed, offset)
     if torch.compiler.is_compiling():
-        torch.ops.ema_fused.multi_update_([s for p in profiles for s in p], params,
-                                          [float(w) for w in weights], backend)
+        flat = [s for p in profiles for s in p]
+        if spec is None:
+            torch.ops.ema_fused.multi_update_(flat, params, [float(w) for w in weights], backend)
+        else:
+            torch.ops.ema_fused.multi_update_stochastic_(
+                flat, params, [float(w) for w in weights], backend,
+                [_rounding.to_int64(s) for s in spec.seeds], _rounding.to_int64(spec.offset))
         return
     weights = _multi_checks.check(profiles, params, weights)
-    _dispatch_multi(profiles, params, weights, backend)
+    _dispatch_multi(profiles, params, weights, backend, spec)

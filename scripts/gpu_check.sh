@@ -83,6 +83,7 @@ WSUM=(tests/ops/test_weighted_sum.py)
 SKIPNF=(tests/ops/test_skip_nonfinite.py)
 LARGE=(tests/kernels/test_large_tensor_gpu.py)
 GRAPHS=(tests/kernels/test_graph_tables.py)
+STOCHASTIC=(tests/ops/test_stochastic_gpu.py)
 # then every other file with GPU-marked tests, most important first (the dry run checks
 # that no such file is left out)
 REST=(tests/kernels/test_kernels_gpu.py tests/kernels/test_kernel_edges.py tests/ema/test_gpu.py
@@ -94,7 +95,8 @@ REST=(tests/kernels/test_kernels_gpu.py tests/kernels/test_kernel_edges.py tests
 # profiler (CUPTI and the sanitizer do not mix), newest kernels first
 MEMCHECK=()
 for b in triton cuda; do
-    MEMCHECK+=("tests/kernels/test_multi_update_gpu.py::test_profile_counts_with_mixed_shadow_dtypes[$b-2]"
+    MEMCHECK+=("tests/ops/test_stochastic_gpu.py::test_many_tensors_and_misaligned_views[$b]"
+               "tests/kernels/test_multi_update_gpu.py::test_profile_counts_with_mixed_shadow_dtypes[$b-2]"
                "tests/ops/test_weighted_sum.py::test_gpu_backends_against_float64[float32-bfloat16-$b]"
                "tests/ops/test_skip_nonfinite.py::test_gpu_every_pair[float32-bfloat16-$b]"
                "tests/kernels/test_kernels_gpu.py::test_unaligned_views_against_float64[$b-1-0]"
@@ -113,21 +115,23 @@ source scripts/gpu_check_steps.sh
 # selection), sanitize-TOOL (a selection under compute-sanitizer), bench (a script and its
 # options).  The dry run reads the same lines.
 PLAN=(
-    "preflight|10|cmd|preflight"
+    "preflight|5|cmd|preflight"
     "install|30|cmd|install"
     "build extension|150|cmd|build_extension"
     "extension check|15|cmd|extension_check"
     "nvidia-smi|5|cmd|nvidia-smi"
+    "tests: stochastic rounding|25|pytest|${STOCHASTIC[*]}"
     "tests: multi-update|50|pytest|${MULTI[*]}"
-    "tests: weighted sum|25|pytest|${WSUM[*]}"
-    "tests: skip_nonfinite|25|pytest|${SKIPNF[*]}"
+    "tests: weighted sum|20|pytest|${WSUM[*]}"
+    "tests: skip_nonfinite|20|pytest|${SKIPNF[*]}"
     "tests: large tensor|25|pytest|${LARGE[*]}"
-    "tests: graph tables|20|pytest|${GRAPHS[*]}"
-    "tests: the rest|55|pytest|${REST[*]}"
+    "tests: graph tables|15|pytest|${GRAPHS[*]}"
+    "tests: the rest|50|pytest|${REST[*]}"
     "bandwidth|40|bench|benchmarks/bench_bandwidth.py --out $OUT_DIR --models ${BANDWIDTH_MODELS:-llama-1.1b mix500}"
-    "memcheck|50|sanitize-memcheck|${MEMCHECK[*]}"
-    "initcheck|20|sanitize-initcheck|${INITCHECK[*]}"
-    "host cost|20|bench|benchmarks/bench_host.py --out $OUT_DIR"
+    "stochastic bench|15|bench|benchmarks/bench_stochastic.py --device cuda --models llama-200m mix500 --repeats 5 --out $OUT_DIR"
+    "memcheck|45|sanitize-memcheck|${MEMCHECK[*]}"
+    "initcheck|15|sanitize-initcheck|${INITCHECK[*]}"
+    "host cost|15|bench|benchmarks/bench_host.py --out $OUT_DIR"
 )
 
 find_tool() {  # on PATH, else under $CUDA_HOME/bin

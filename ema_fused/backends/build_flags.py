@@ -13,7 +13,8 @@ from typing import Optional
 #: Python module (``ema_fused._C``, or the JIT build's name) with host_path.cpp's and
 #: cpu_offload.cpp's helpers.
 CPU_SOURCES = ("ema_ops.cpp", "cpu_kernels.cpp", "host_path.cpp", "python_module.cpp",
-               "cpu_multi_shadow.cpp", "cpu_offload.cpp")
+               "cpu_multi_shadow.cpp", "cpu_offload.cpp", "cpu_stochastic.cpp",
+               "cpu_stochastic_loops.cpp", "cpu_stochastic_avx2.cpp", "cpu_stochastic_avx512.cpp")
 CUDA_SOURCES = ("cuda_kernels.cu", "cuda_multi_shadow.cu")
 
 #: Always-built arches: A100 and H100 class GPUs.

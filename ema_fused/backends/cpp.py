@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..checks import rounding
 from . import extension, foreach, multi_split
 from .selection import Backend, register_backend
 
@@ -42,7 +43,19 @@ def _kernel_update(shadows: list, params: list, weight, skip_nonfinite: bool) ->
         torch.ops.ema_fused.kernel_update_(shadows, params, weight, skip_nonfinite)
 
 
-def update_(shadows: Tensors, params: Tensors, weight, skip_nonfinite: bool = False) -> None:
+def _kernel_stochastic(shadows: list, params: list, weight: float, skip_nonfinite: bool,
+                       spec: rounding.Stochastic) -> None:
+    torch.ops.ema_fused.kernel_update_stochastic_(shadows, params, weight, skip_nonfinite,
+                                                  *spec.signed(), list(spec.positions),
+                                                  list(spec.starts))
+
+
+def update_(shadows: Tensors, params: Tensors, weight, skip_nonfinite: bool = False,
+            stochastic: Optional[rounding.Stochastic] = None) -> None:
+    if stochastic is not None and weight not in (0.0, 1.0):  # the ends are exact: no rounding
+        foreach.update_stochastic(shadows, params, weight, skip_nonfinite, stochastic, supported,
+                                  _kernel_stochastic, update_)
+        return
     ks, kp, rs, rp = _split("update", shadows, params)
     _kernel_update(ks, kp, weight, skip_nonfinite)
     if rs:
@@ -80,19 +93,41 @@ def weighted_sum_(out: Tensors, inputs: Tensors, weight: float) -> None:
         foreach.weighted_sum_unchecked(ro, ri, weight)
 
 
-def multi_update_(shadows: Sequence[Tensors], params: Tensors, weights: Sequence[float]) -> None:
+def _rounded(s: torch.Tensor, p: torch.Tensor) -> bool:
+    """A pair the stochastic multi-shadow kernel takes: a 16-bit shadow the kernels take."""
+    return s.dtype in rounding.ROUNDED_DTYPES and supported(s, p)
+
+
+def multi_update_(shadows: Sequence[Tensors], params: Tensors, weights: Sequence[float],
+                  stochastic: Optional[rounding.MultiStochastic] = None) -> None:
     """Every profile's shadows of the params the kernels take in every profile: one
     ``kernel_multi_update_`` (each param read once); the other pairs where
     :func:`update_` would send them (:mod:`.multi_split`), so every shadow gets the
-    same bits as ``update_(shadows[k], params, weights[k])``."""
-    plan = multi_split.split(shadows, params, supported)
+    same bits as ``update_(shadows[k], params, weights[k])`` (with
+    ``stochastic.profile(k)``: a stochastic multi update takes 16-bit shadows only)."""
+    plan = multi_split.split(shadows, params, supported if stochastic is None else _rounded)
     if plan.columns:
         flat, cols = multi_split.flat_columns(shadows, params, plan.columns)
-        torch.ops.ema_fused.kernel_multi_update_(flat, cols, [float(w) for w in weights])
-    for profile, weight, single, rest in zip(shadows, weights, plan.single, plan.rest):
+        ws = [float(w) for w in weights]
+        if stochastic is None:
+            torch.ops.ema_fused.kernel_multi_update_(flat, cols, ws)
+        else:
+            spec = stochastic.pick(plan.columns)
+            torch.ops.ema_fused.kernel_multi_update_stochastic_(
+                flat, cols, ws, [rounding.to_int64(s) for s in spec.seeds], rounding.to_int64(spec.offset),
+                list(spec.positions), list(spec.starts))
+    for k, (profile, weight, single, rest) in enumerate(
+            zip(shadows, weights, plan.single, plan.rest)):
+        if stochastic is not None:  # every other pair where the single update sends it
+            others = single + rest
+            if others:
+                update_(plan.pick(profile, others), plan.pick(params, others), weight, False,
+                        stochastic.profile(k).pick(others))
+            continue
         _kernel_update(plan.pick(profile, single), plan.pick(params, single), weight, False)
         if rest:
             foreach.update_unchecked(plan.pick(profile, rest), plan.pick(params, rest), weight)
+
 
 
 class _Prepared:
@@ -104,11 +139,16 @@ class _Prepared:
     """
 
     def __init__(self, shadows: Tensors, params: Tensors) -> None:
+        self.shadows, self.params = list(shadows), list(params)
         self.ks, self.kp, self.rs, self.rp = _split("update", shadows, params)
         # a backend of this file is chosen only once the extension is loaded
         self._held = extension.module().PairSet(self.ks, self.kp) if self.ks else None
 
-    def update_(self, weight, skip_nonfinite: bool = False) -> None:
+    def update_(self, weight, skip_nonfinite: bool = False,
+                stochastic: Optional[rounding.Stochastic] = None) -> None:
+        if stochastic is not None and weight not in (0.0, 1.0):
+            update_(self.shadows, self.params, weight, skip_nonfinite, stochastic)
+            return
         if self._held is None or torch.compiler.is_compiling():
             _kernel_update(self.ks, self.kp, weight, skip_nonfinite)
         elif isinstance(weight, torch.Tensor):

@@ -20,11 +20,12 @@ max(64 MiB, largest tensor in fp32).
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 
-from ..checks import multi, tensors
+from ..checks import multi, rounding, tensors
+from . import stochastic as _stochastic
 from .selection import Backend, register_backend
 
 #: Elements per piece: small enough to stay in cache on a CPU, large enough to keep
@@ -107,9 +108,53 @@ def _finite_pieces(shadows: Sequence[torch.Tensor], params: Sequence[torch.Tenso
         yield [s for s, _ in piece], clean
 
 
+def split_stochastic(shadows: Sequence[torch.Tensor], params: Sequence[torch.Tensor],
+                     supported) -> tuple[list[int], list[int], list[int]]:
+    """Where the pairs of a stochastic update go, as indices: (16-bit shadows a kernel takes
+    (``supported(shadow, param)``), other 16-bit shadows (the torch code of
+    :mod:`.stochastic`), wider shadows (nothing to round: the nearest update))."""
+    kernel, torch_code, nearest = [], [], []
+    for i, (s, p) in enumerate(zip(shadows, params)):
+        if s.dtype not in rounding.ROUNDED_DTYPES:
+            nearest.append(i)
+        else:
+            (kernel if supported(s, p) else torch_code).append(i)
+    return kernel, torch_code, nearest
+
+
+def update_stochastic(shadows: Sequence[torch.Tensor], params: Sequence[torch.Tensor],
+                      weight: float, skip_nonfinite: bool, spec: rounding.Stochastic, supported,
+                      kernel, nearest) -> None:
+    """A stochastic update (0 < weight < 1) split as :func:`split_stochastic` says:
+    ``kernel(shadows, params, weight, skip_nonfinite, spec)`` for the first group,
+    ``nearest(shadows, params, weight, skip_nonfinite)`` for the last.  All pairs are
+    checked for overlaps first when they go more than one way."""
+    groups = split_stochastic(shadows, params, supported)
+    if sum(1 for g in groups if g) > 1:
+        tensors.check_no_overlap("update", shadows, params)
+    k, t, n = groups
+    if k:
+        kernel([shadows[i] for i in k], [params[i] for i in k], weight, skip_nonfinite,
+               spec.pick(k))
+    if t:
+        _stochastic.update_([shadows[i] for i in t], [params[i] for i in t], weight,
+                            skip_nonfinite, spec.pick(t), piece_elements(shadows[t[0]].device))
+    if n:
+        nearest([shadows[i] for i in n], [params[i] for i in n], weight, skip_nonfinite)
+
+
+def _no_kernel(s: torch.Tensor, p: torch.Tensor) -> bool:
+    return False
+
+
 def update_unchecked(shadows: Sequence[torch.Tensor], params: Sequence[torch.Tensor],
-                     weight, skip_nonfinite: bool = False) -> None:
+                     weight, skip_nonfinite: bool = False,
+                     stochastic: Optional[rounding.Stochastic] = None) -> None:
     """:func:`update_` without the overlap check, for callers that made it already."""
+    if stochastic is not None and weight not in (0.0, 1.0):  # the ends are exact: no rounding
+        update_stochastic(shadows, params, weight, skip_nonfinite, stochastic, _no_kernel, None,
+                          update_unchecked)
+        return
     if skip_nonfinite:
         if isinstance(weight, torch.Tensor) or weight != 0.0:
             for s, clean in _finite_pieces(shadows, params):
@@ -187,15 +232,17 @@ def weighted_sum_unchecked(out: Sequence[torch.Tensor], inputs: Sequence[torch.T
 
 
 def update_(shadows: Sequence[torch.Tensor], params: Sequence[torch.Tensor], weight,
-            skip_nonfinite: bool = False) -> None:
+            skip_nonfinite: bool = False, stochastic: Optional[rounding.Stochastic] = None) -> None:
     """``shadows[i] += weight * (params[i] - shadows[i])`` with ``torch._foreach_lerp_``;
     weight 0 changes nothing and weight 1 copies, exactly, as in the kernels.
 
     ``weight``: a Python number, or a 1-element device tensor (graph-safe form).
     ``skip_nonfinite``: elements whose param is NaN or +-Inf keep their shadow.
+    ``stochastic``: round 16-bit shadows stochastically with these counter words (the
+    kernels' bits, from torch ops: :mod:`.stochastic`).
     Pairs that share memory are refused first (``checks.tensors.check_no_overlap``)."""
     tensors.check_no_overlap("update", shadows, params)
-    update_unchecked(shadows, params, weight, skip_nonfinite)
+    update_unchecked(shadows, params, weight, skip_nonfinite, stochastic)
 
 
 def copy_(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor], scale: float) -> None:
@@ -246,21 +293,24 @@ class _Prepared:
         tensors.check_no_overlap("update", shadows, params)
         self.shadows, self.params = list(shadows), list(params)
 
-    def update_(self, weight, skip_nonfinite: bool = False) -> None:
-        update_unchecked(self.shadows, self.params, weight, skip_nonfinite)
+    def update_(self, weight, skip_nonfinite: bool = False,
+                stochastic: Optional[rounding.Stochastic] = None) -> None:
+        update_unchecked(self.shadows, self.params, weight, skip_nonfinite, stochastic)
 
     def copy_(self, scale: float) -> None:
         copy_unchecked(self.shadows, self.params, scale)
 
 
 def multi_update_(shadows: Sequence[Sequence[torch.Tensor]], params: Sequence[torch.Tensor],
-                  weights: Sequence[float]) -> None:
-    """For each profile k, :func:`update_` of ``shadows[k]`` with ``weights[k]``: the same
-    bits by construction (each profile reads the params again; the kernel backends read
-    them once).  Shadows that share memory with any shadow or param are refused first."""
+                  weights: Sequence[float], stochastic: Optional[rounding.MultiStochastic] = None) -> None:
+    """For each profile k, :func:`update_` of ``shadows[k]`` with ``weights[k]`` (and
+    ``stochastic.profile(k)``): the same bits by construction (each profile reads the
+    params again; the kernel backends read them once).  Shadows that share memory with
+    any shadow or param are refused first."""
     multi.check_no_overlap([list(p) for p in shadows], params)
-    for profile, weight in zip(shadows, weights):
-        update_unchecked(profile, params, weight)
+    for k, (profile, weight) in enumerate(zip(shadows, weights)):
+        update_unchecked(profile, params, weight,
+                         stochastic=None if stochastic is None else stochastic.profile(k))
 
 
 def _reasons(device) -> list[str]:

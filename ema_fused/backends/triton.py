@@ -14,6 +14,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..checks import multi as _multi_checks
+from ..checks import rounding
 from . import foreach, multi_split
 from .selection import Backend, register_backend
 
@@ -102,7 +104,18 @@ def _split(kind: str, a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]):
     return list(zip(ka, kb)), rest_a, rest_b
 
 
-def update_(shadows, params, weight, skip_nonfinite: bool = False) -> None:
+def _kernel_stochastic(shadows: list, params: list, weight: float, skip_nonfinite: bool,
+                       spec: rounding.Stochastic) -> None:
+    from ..triton_kernels import stochastic  # this backend runs only once Triton imported
+    stochastic.update(list(zip(shadows, params)), weight, spec, skip_nonfinite)
+
+
+def update_(shadows, params, weight, skip_nonfinite: bool = False,
+            stochastic: Optional[rounding.Stochastic] = None) -> None:
+    if stochastic is not None and weight not in (0.0, 1.0):  # the ends are exact: no rounding
+        foreach.update_stochastic(shadows, params, weight, skip_nonfinite, stochastic,
+                                  _launcher().supported, _kernel_stochastic, update_)
+        return
     ok, rest_s, rest_p = _split("update", shadows, params)
     if isinstance(weight, torch.Tensor):  # graph-safe: the kernel reads it on the device
         _launcher().update(ok, 0.0, weight_ptr=weight, skip_nonfinite=skip_nonfinite)
@@ -123,10 +136,16 @@ class _Prepared:
     """Pairs split once into kernel pairs (with their tables) and fallback pairs."""
 
     def __init__(self, shadows, params) -> None:
+        self.shadows, self.params = list(shadows), list(params)
         ok, self.rest_s, self.rest_p = _split("update", shadows, params)
         self.kernels = _launcher().Prepared(ok)
+        self._rounded = None  # the stochastic update's split, made at its first call
 
-    def update_(self, weight, skip_nonfinite: bool = False) -> None:
+    def update_(self, weight, skip_nonfinite: bool = False,
+                stochastic: Optional[rounding.Stochastic] = None) -> None:
+        if stochastic is not None and weight not in (0.0, 1.0):
+            self._update_stochastic(weight, skip_nonfinite, stochastic)
+            return
         self.kernels.update_(weight, skip_nonfinite)
         if self.rest_s:
             foreach.update_unchecked(self.rest_s, self.rest_p, weight, skip_nonfinite)
@@ -135,6 +154,24 @@ class _Prepared:
         self.kernels.copy_(scale)
         if self.rest_s:
             foreach.copy_unchecked(self.rest_s, self.rest_p, scale)
+
+    def _update_stochastic(self, weight: float, skip: bool, spec: rounding.Stochastic) -> None:
+        """As :func:`update_`, with the split and the kernel pairs' plan made once."""
+        from ..triton_kernels import stochastic
+        if self._rounded is None:
+            k, t, n = foreach.split_stochastic(self.shadows, self.params, _launcher().supported)
+            k = [i for i in k if self.shadows[i].numel()]
+            pairs = [(self.shadows[i], self.params[i]) for i in k]
+            plan = _launcher().plan_for(pairs, pairs[0][0].device) if pairs else None
+            self._rounded = (k, t, n, plan)
+        k, t, n, plan = self._rounded
+        if plan is not None:
+            stochastic.run(plan, weight, spec.pick(k), skip)
+        if t:
+            foreach.update_unchecked([self.shadows[i] for i in t], [self.params[i] for i in t],
+                                     weight, skip, spec.pick(t))
+        if n:
+            update_([self.shadows[i] for i in n], [self.params[i] for i in n], weight, skip)
 
 
 def weighted_sum_(out, inputs, weight: float) -> None:
@@ -153,10 +190,16 @@ def swap_(a, b) -> None:
         foreach.swap_unchecked(rest_a, rest_b)
 
 
-def multi_update_(shadows, params, weights) -> None:
+def multi_update_(shadows, params, weights,
+                  stochastic: Optional[rounding.MultiStochastic] = None) -> None:
     """Params the kernels take in every profile: one multi-shadow launch (each param
     read once; ``ema_fused.triton_kernels.multi_update``); the other pairs where
     :func:`update_` would send them, so every shadow gets its bits."""
+    if stochastic is not None:  # one stochastic launch per profile (each reads the params)
+        _multi_checks.check_no_overlap([list(p) for p in shadows], params)
+        for k, (profile, weight) in enumerate(zip(shadows, weights)):
+            update_(profile, params, weight, False, stochastic.profile(k))
+        return
     from ..triton_kernels import multi_update as multi
     plan = multi_split.split(shadows, params, _launcher().supported)
     if plan.columns:

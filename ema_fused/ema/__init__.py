@@ -14,6 +14,7 @@ through the op layer (``ema_fused.ops``).
     offload_worker.py   ... the background thread, its errors, a clean exit
     as_module.py      EMA.as_module(): an nn.Module face carrying the EMA as extra state
     hooks.py          optimizer step hooks (EMA.attach and the training-loop integrations)
+    rounding.py       rounding="stochastic": its checks, the seed, each update's counter words
 
 Exported for the layers above (posthoc/, averaging/, integrations/, migrate.py): the class,
 the checkpoint format, cross-device staging, the real-step hook, ``order_before_steps``
@@ -26,7 +27,9 @@ from .ema import EMA, serialized
 from .hooks import on_real_step, order_before_steps
 from .offload import BackgroundUpdateError
 from .offload_worker import WorkerDiedError
+from .rounding import draw_seed
 from .staging import copy_across_, update_across_
 
 __all__ = ["EMA", "ModelChangedError", "BackgroundUpdateError", "WorkerDiedError", "checkpoint",
-           "copy_across_", "update_across_", "on_real_step", "order_before_steps", "serialized"]
+           "copy_across_", "update_across_", "on_real_step", "order_before_steps", "serialized",
+           "draw_seed"]

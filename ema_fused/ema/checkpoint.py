@@ -7,6 +7,7 @@ import torch
 
 from .. import distributed as _distributed
 from ..checks import as_flag, as_int, as_optional_real, as_real, lossless
+from . import rounding as _rounding
 
 FORMAT = "ema_fused.EMA"
 VERSION = 1
@@ -79,6 +80,7 @@ def state_of(ema) -> dict:
         "shadows": {e.name: s for e, s in zip(ema._tracked.entries, ema._shadows)},
         "step": ema.num_updates, "decay": ema.decay, "decay_product": _product(ema),
         "bias_correction": ema.bias_correction,
+        **_rounding.checkpoint_fields(ema.rounding, ema.seed),
     }
 
 
@@ -95,6 +97,11 @@ def counters_of(state_dict: Mapping) -> tuple[int, Optional[float], float, bool]
             as_flag("EMA.load_state_dict: bias_correction", state_dict["bias_correction"]))
 
 
+def seed_after_load(ema, state_dict: Mapping) -> Optional[int]:
+    """The seed ``ema`` keeps after loading ``state_dict`` (its rounding fields checked)."""
+    return _rounding.loaded_seed(state_dict, ema.rounding, ema.seed)
+
+
 def checked(ema, state_dict: dict, strict: bool) -> tuple[list, tuple]:
     """Every check of :func:`load_into`, writing nothing: ``(copies, counters)``, the
     ``(shadow, source)`` local tensor pairs to copy and ``(step, decay, product)``."""
@@ -104,6 +111,7 @@ def checked(ema, state_dict: dict, strict: bool) -> tuple[list, tuple]:
         raise ValueError(f"EMA.load_state_dict: version {state_dict.get('version')} is not "
                          f"supported (this ema_fused writes {VERSION})")
     step, decay, product, bias_correction = counters_of(state_dict)
+    seed_after_load(ema, state_dict)  # the rounding fields, checked before anything is written
     if bias_correction != ema.bias_correction:
         raise ValueError("EMA.load_state_dict: the checkpoint has bias_correction="
                          f"{bias_correction}, this EMA {ema.bias_correction}")
@@ -134,5 +142,6 @@ def load_into(ema, state_dict: dict, strict: bool) -> None:
             if src is not dst:  # dcp.load fills the shadows in place, then passes them here
                 dst.copy_(src)
     ema._step, ema._decay, ema._decay_product = counters
+    ema.seed = seed_after_load(ema, state_dict)
     if ema._device_schedule is not None:
         ema._device_schedule.load(ema._step, ema._decay, ema._decay_product)

@@ -13,11 +13,12 @@ from ..backends import selection as _backend
 from ..checks import as_flag, as_int, as_real
 from ..checks import devices as _devices
 from ..checks import tensors as _validate
-from ..ops import group_by_device
+from ..ops import indices_by_device
 from ..schedules import constant
 from . import checkpoint as _checkpoint
 from . import hooks as _hooks
 from . import host_path as _host_path
+from . import rounding as _rounding
 from .as_module import EMAStateModule
 from .capturable import DeviceSchedule
 from .model_checks import check_not_meta
@@ -47,6 +48,8 @@ class _Plan:
     def __init__(self, ema_s: list, ema_p: list, copy_s: list, copy_p: list) -> None:
         self.ema_s, self.ema_p, self.copy_s, self.copy_p = ema_s, ema_p, copy_s, copy_p
         self.groups: Optional[list] = None  # [(backend, shadows, params, prepared)]; None: staged
+        self.positions: list[int] = []  # of ema_s: their tracked-tensor indices
+        self.group_positions: list[list[int]] = []  # of each group's shadows
         self.key: Optional[list] = None  # the Python check, where there is no snapshot
         self.snapshot = None  # host_path's C++ check, where the extension is loaded
         self.layout: Optional[Layout] = None  # offloaded shadows: slots and pieces, made once
@@ -93,6 +96,14 @@ class EMA(AveragedReads):
         offload_threads: with ``non_blocking=True``: the CPU kernel threads of the
             background averaging (None: ``torch.get_num_threads() - 1``, at least 1,
             leaving a core to the training thread).
+        rounding: ``"nearest"``, or ``"stochastic"`` for bfloat16/float16 shadows (``dtype``):
+            each update's fp32 result is rounded up or down at random, up with the
+            probability of the remainder's share of one ulp, so the 16-bit shadow is an
+            unbiased estimate of an FP32 one at half its memory (README, "16-bit shadows
+            with stochastic rounding").  Copy steps stay exact.
+        seed: the stochastic rounding's seed (an integer in [0, 2**64)); None draws one
+            from torch's default generator without advancing it.  Stored in
+            :meth:`state_dict`: a resume continues bit for bit.
 
     Every public method may be called from several threads: they serialize, and a call
     refused because another thread is inside :meth:`average_parameters` changes nothing.
@@ -110,7 +121,8 @@ class EMA(AveragedReads):
                  bias_correction: bool = False, exclude: Sequence[str] = (),
                  capturable: bool = False, trainable_only: bool = False,
                  skip_nonfinite: bool = False, non_blocking: bool = False,
-                 offload_threads: Optional[int] = None) -> None:
+                 offload_threads: Optional[int] = None, rounding: str = "nearest",
+                 seed: Optional[int] = None) -> None:
         if schedule is None:
             schedule = constant(as_real("EMA: decay", decay))
         elif not callable(schedule):
@@ -122,6 +134,8 @@ class EMA(AveragedReads):
                             f"got {dtype}")
         if isinstance(exclude, str):
             exclude = (exclude,)
+        self.rounding, self.seed = _rounding.check_arguments(
+            rounding, seed, dtype, as_flag("EMA: capturable", capturable))
         self.schedule = schedule
         self.update_after_step = as_int("EMA: update_after_step", update_after_step, 0)
         self.update_every = as_int("EMA: update_every", update_every, 1)
@@ -150,6 +164,8 @@ class EMA(AveragedReads):
         with torch.no_grad():
             self._shadows = [self._make_shadow(e, t, dtype) for e, t in
                              zip(self._tracked.entries, self._tracked.read())]
+        if self.rounding == "stochastic":
+            _rounding.check_shadows(self._shadows, [e.averaged for e in self._tracked.entries])
         for dev in {_distributed.local(s).device for s in self._shadows}:
             _backend.select(backend, dev)  # a backend named but unusable fails now
         self._step = 0
@@ -230,9 +246,10 @@ class EMA(AveragedReads):
         return state
 
     def __setstate__(self, state: dict) -> None:
-        # an EMA pickled before the offload options existed has none of them
+        # an EMA pickled before the offload and rounding options existed has none of them
         self.__dict__.update({"non_blocking": False, "_offload_threads": None,
-                              "_updating_step": 0, **state})
+                              "_updating_step": 0, "rounding": "nearest", "seed": None,
+                              **state})
         self._lock = threading.RLock()
         self._offload = self._new_offload()
 
@@ -290,7 +307,7 @@ class EMA(AveragedReads):
         if self._offload is not None:
             self._offload.wait()  # back-pressure: the previous update is in the shadows
             self._updating_step = step
-        self._average(0.0 if decay == 0.0 else 1.0 - decay, copy=decay == 0.0)
+        self._average(0.0 if decay == 0.0 else 1.0 - decay, copy=decay == 0.0, step=step)
         self._step = step
         self._decay = decay
         self._decay_product *= decay
@@ -304,12 +321,14 @@ class EMA(AveragedReads):
         sched.advance()
         self._average(sched.weight, copy=False, active=sched.active)
 
-    def _average(self, weight, copy: bool, active: Optional[torch.Tensor] = None) -> None:
+    def _average(self, weight, copy: bool, active: Optional[torch.Tensor] = None,
+                 step: int = 0) -> None:
         """One pass over every tracked tensor: average (or copy) the float ones, copy the rest.
 
         ``active`` (capturable mode): a device bool; where false the copies keep their value.
         With ``skip_nonfinite`` a copying step is an update of weight 1 (exactly the
-        params), so that the kernels keep the shadows of non-finite elements.
+        params), so that the kernels keep the shadows of non-finite elements.  ``step``:
+        the offset of a stochastic update's random bits.
         """
         plan = self._plan
         if plan is None or plan.snapshot is None or not plan.snapshot.still_valid():
@@ -317,26 +336,30 @@ class EMA(AveragedReads):
         skip = self.skip_nonfinite
         if copy and skip:
             weight, copy = 1.0, False
+        sr = self.rounding == "stochastic" and not copy
         with torch.no_grad():
             if plan.groups is None and self._offload is not None:  # shadows on the host
                 self._offload.update(plan, self._tracked.entries, weight, copy, skip,
                                      self._copied_value, self._updating_step,
-                                     self._backend_request)
+                                     self._backend_request, self.seed if sr else None)
             elif plan.groups is None:  # some shadows live on another device: staged copies
                 if copy:
                     copy_across_(plan.ema_s, plan.ema_p, 1.0, self._backend_request)
                 else:
-                    update_across_(plan.ema_s, plan.ema_p, weight, self._backend_request, skip)
+                    update_across_(plan.ema_s, plan.ema_p, weight, self._backend_request, skip,
+                                   _rounding.spec(self.seed, step, plan.positions) if sr else None)
             else:
-                for impl, shadows, params, prepared in plan.groups:
+                for (impl, shadows, params, prepared), positions in zip(plan.groups,
+                                                                        plan.group_positions):
+                    extra = {"stochastic": _rounding.spec(self.seed, step, positions)} if sr else {}
                     if prepared is not None and copy:
                         prepared.copy_(1.0)
                     elif prepared is not None:
-                        prepared.update_(weight, skip)
+                        prepared.update_(weight, skip, **extra)
                     elif copy:
                         impl.copy_(shadows, params, 1.0)
                     else:
-                        impl.update_(shadows, params, weight, skip)
+                        impl.update_(shadows, params, weight, skip, **extra)
             if plan.groups is not None or self._offload is None:
                 for s, p in zip(plan.copy_s, plan.copy_p):
                     s.copy_(self._copied_value(s, p, active))
@@ -377,13 +400,16 @@ class EMA(AveragedReads):
         self._follow_sharding(live)
         self._follow_devices(live)
         plan = _Plan(*self._split(local))
+        plan.positions = [i for i, e in enumerate(self._tracked.entries) if e.averaged]
         if not self.non_blocking and all(s.device == p.device for s, p in
                                          zip(plan.ema_s, plan.ema_p)):
             plan.groups = []
-            for dev, (ga, gb) in group_by_device(plan.ema_s, plan.ema_p).items():
+            for dev, idx in indices_by_device(plan.ema_s).items():
+                ga, gb = [plan.ema_s[i] for i in idx], [plan.ema_p[i] for i in idx]
                 impl = _backend.select(self._backend_request, dev)
                 prepared = impl.prepare(ga, gb) if impl.prepare is not None else None
                 plan.groups.append((impl, ga, gb, prepared))
+                plan.group_positions.append([plan.positions[i] for i in idx])
         plan.key = key
         plan.snapshot = _host_path.snapshot(self._tracked, live, self._shadows)
         self._plan = plan

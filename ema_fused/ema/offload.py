@@ -78,18 +78,21 @@ class Offload:
 
     # ------------------------------------------------------------------ one update
     def update(self, plan, entries: list, weight: float, copy: bool, skip: bool,
-               copied_value: Callable, step: int, backend: str) -> None:
+               copied_value: Callable, step: int, backend: str,
+               seed: Optional[int] = None) -> None:
         """``EMA._average`` for host shadows: ``plan``'s pairs (copied tensors included)
-        through the plan's :class:`Layout`, made at its first update."""
+        through the plan's :class:`Layout`, made at its first update.  ``seed``: round
+        16-bit shadows stochastically, the random bits keyed by (seed, step)."""
         if plan.layout is None:
             is_buffer = [e.is_buffer for e in entries if e.averaged]
             plan.layout = Layout(self.pool, plan.ema_s, plan.ema_p, is_buffer, plan.copy_s,
-                                 plan.copy_p, backend)
-        self.run(plan.layout, weight, copy, skip, lambda s, p: copied_value(s, p, None), step)
+                                 plan.copy_p, backend, positions=plan.positions)
+        self.run(plan.layout, weight, copy, skip, lambda s, p: copied_value(s, p, None), step,
+                 seed)
 
     def run(self, layout: Layout, weight: float, copy: bool, skip: bool,
             copied_value: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-            step: int) -> None:
+            step: int, seed: Optional[int] = None) -> None:
         """Capture this step's values, then average them: in the background with
         ``non_blocking=True`` (the previous update must be finished: :meth:`wait`)."""
         layout.capture_cpu()
@@ -105,7 +108,8 @@ class Offload:
             finally:
                 enqueued.set()
             for piece in layout.pieces:
-                piece.average(weight, copy, skip, copied_value)
+                piece.average(weight, copy, skip, copied_value,
+                              None if seed is None else (seed, step))
 
         if not self.non_blocking:
             work()

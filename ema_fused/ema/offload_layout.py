@@ -24,6 +24,7 @@ import torch
 
 from ..backends import extension as _extension
 from ..backends import selection as _backend
+from ..checks import rounding
 
 #: staging bytes per piece: the transfer of piece i+1 overlaps the averaging of piece i
 PIECE_BYTES = 64 << 20
@@ -98,18 +99,21 @@ class Piece:
         self.captures: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.shadows: list[torch.Tensor] = []
         self.staged: list[torch.Tensor] = []
+        self.counters: list[tuple[int, int]] = []  # (position, start) of each shadow
         self.copied: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.bytes = 0
         # CUDA sources: recorded after this piece's copies, waited for before averaging it
         self.event = torch.cuda.Event() if device.type == "cuda" else None
         self._prepared = None
 
-    def add(self, shadow: Optional[torch.Tensor], slot: torch.Tensor, src: torch.Tensor) -> None:
+    def add(self, shadow: Optional[torch.Tensor], slot: torch.Tensor, src: torch.Tensor,
+            counter: tuple[int, int] = (0, 0)) -> None:
         self.captures.append((slot, src))
         if shadow is None:
             return
         self.shadows.append(shadow)
         self.staged.append(slot)
+        self.counters.append(counter)
         self.bytes += slot.numel() * slot.element_size()
 
     def prepare(self, backend: str) -> None:
@@ -120,14 +124,22 @@ class Piece:
             self._prepared = impl.prepare(self.shadows, self.staged)
 
     def average(self, weight: float, copy: bool, skip: bool,
-                copied_value: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+                copied_value: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                stochastic: Optional[tuple[int, int]] = None) -> None:
         """Wait for this piece's transfer (CUDA sources), then one kernel call over its
-        pairs (the GIL is released while it runs), then its copied tensors."""
+        pairs (the GIL is released while it runs), then its copied tensors.
+        ``stochastic``: (seed, step) of a stochastic update (each pair's position and start
+        are the layout's: a cut tensor draws the bits of the whole one)."""
         if self.event is not None:
             self.event.synchronize()
         prepared = self._prepared
         if prepared is not None and copy:
             prepared.copy_(1.0)
+        elif prepared is not None and stochastic is not None:
+            seed, step = stochastic
+            prepared.update_(weight, skip, stochastic=rounding.Stochastic(
+                seed, step, tuple(p for p, _ in self.counters),
+                tuple(s for _, s in self.counters)))
         elif prepared is not None:
             prepared.update_(weight, skip)
         for s, slot in self.copied:
@@ -140,39 +152,43 @@ class Layout:
     def __init__(self, pool: StagingPool, shadows: Sequence[torch.Tensor],
                  params: Sequence[torch.Tensor], is_buffer: Sequence[bool],
                  copy_s: Sequence[torch.Tensor], copy_p: Sequence[torch.Tensor],
-                 backend: str, piece_bytes: Optional[int] = None) -> None:
+                 backend: str, piece_bytes: Optional[int] = None,
+                 positions: Optional[Sequence[int]] = None) -> None:
         piece_bytes = piece_bytes or PIECE_BYTES
-        items = [(s, p, True) for s, p in zip(copy_s, copy_p)]  # copied: always early
-        items += [(s, p, False) for s, p, b in zip(shadows, params, is_buffer) if b]
-        late = [(s, p) for s, p, b in zip(shadows, params, is_buffer) if not b]
+        # each averaged pair's position (its tracked-tensor index: a stochastic update's)
+        positions = list(range(len(shadows))) if positions is None else list(positions)
+        items = [(s, p, True, 0) for s, p in zip(copy_s, copy_p)]  # copied: always early
+        items += [(s, p, False, q) for s, p, b, q in zip(shadows, params, is_buffer, positions)
+                  if b]
+        late = [(s, p, q) for s, p, b, q in zip(shadows, params, is_buffer, positions) if not b]
         offsets, total = [], 0
-        for _, p, _ in items + [(s, p, False) for s, p in late]:
+        for p in [p for _, p, _, _ in items] + [p for _, p, _ in late]:
             offsets.append(total)
             total += -(-p.numel() * p.element_size() // _ALIGN) * _ALIGN
-        pinned = any(p.device.type == "cuda" for _, p, _ in items) or any(
-            p.device.type == "cuda" for _, p in late)
+        pinned = any(p.device.type == "cuda" for _, p, _, _ in items) or any(
+            p.device.type == "cuda" for _, p, _ in late)
         buf = pool.get(total, pinned)
         self.pieces: list[Piece] = []
         early: dict[torch.device, Piece] = {}
-        for (s, p, copied), off in zip(items, offsets):
+        for (s, p, copied, q), off in zip(items, offsets):
             piece = early.get(p.device)
             if piece is None:
                 piece = early[p.device] = Piece(p.device, True)
                 self.pieces.append(piece)
             slot = _slot(buf, off, p)
-            piece.add(None if copied else s, slot, p)
+            piece.add(None if copied else s, slot, p, (q, 0))
             if copied:
                 piece.copied.append((s, slot))
         current: dict[torch.device, Piece] = {}
-        for (s, p), off in zip(late, offsets[len(items):]):
+        for (s, p, q), off in zip(late, offsets[len(items):]):
             slot = _slot(buf, off, p)
-            for s_part, slot_part, p_part in _cut(s, slot, p, piece_bytes):
+            for start, s_part, slot_part, p_part in _cut(s, slot, p, piece_bytes):
                 piece = current.get(p.device)
                 size = slot_part.numel() * slot_part.element_size()
                 if piece is None or (piece.bytes and piece.bytes + size > piece_bytes):
                     piece = current[p.device] = Piece(p.device, False)
                     self.pieces.append(piece)
-                piece.add(s_part, slot_part, p_part)
+                piece.add(s_part, slot_part, p_part, (q, start))
         for piece in self.pieces:
             piece.prepare(backend)
         cpu = [c for pc in self.pieces if pc.device.type == "cpu" for c in pc.captures]
@@ -196,11 +212,12 @@ class Layout:
 
 
 def _cut(s: torch.Tensor, slot: torch.Tensor, p: torch.Tensor, piece_bytes: int):
-    """``(shadow, slot, param)`` parts of one pair: whole, or flat slices of at most
-    ``piece_bytes`` of staging cut at multiples of ``_SPLIT`` elements (contiguous only)."""
+    """``(start, shadow, slot, param)`` parts of one pair: whole (start 0), or flat slices
+    of at most ``piece_bytes`` of staging cut at multiples of ``_SPLIT`` elements
+    (contiguous only), ``start`` the index of a slice's first element."""
     step = max(_SPLIT, piece_bytes // p.element_size() // _SPLIT * _SPLIT)
     n = p.numel()
     if n <= step or not (s.is_contiguous() and p.is_contiguous() and slot.is_contiguous()):
-        return [(s, slot, p)]
+        return [(0, s, slot, p)]
     fs, fslot, fp = s.view(-1), slot.view(-1), p.view(-1)
-    return [(fs[i:i + step], fslot[i:i + step], fp[i:i + step]) for i in range(0, n, step)]
+    return [(i, fs[i:i + step], fslot[i:i + step], fp[i:i + step]) for i in range(0, n, step)]

@@ -28,7 +28,7 @@ from . import synthesis as _synthesis
 
 #: EMA keyword arguments a PostHocEMA passes on to every profile.
 PASSED_ON = ("update_after_step", "update_every", "buffers", "dtype", "device", "backend",
-             "exclude", "trainable_only")
+             "exclude", "trainable_only", "rounding", "seed")
 _REFUSED = {
     "decay": "each profile's decay comes from its sigma_rel (schedules.karras_power)",
     "schedule": "each profile's schedule is karras_power(sigma_rel=s); pass sigma_rels",
@@ -73,8 +73,11 @@ class PostHocEMA:
         snapshot_dtype: the dtype snapshots store averaged tensors in (a float dtype).
         **ema_kwargs: passed to every profile's EMA: ``update_after_step``,
             ``update_every``, ``buffers``, ``dtype``, ``device``, ``backend``, ``exclude``,
-            ``trainable_only``.  ``decay``, ``schedule``, ``bias_correction`` and
-            ``capturable`` are refused.
+            ``trainable_only``, ``rounding``, ``seed``.  ``decay``, ``schedule``,
+            ``bias_correction`` and ``capturable`` are refused.  With
+            ``rounding="stochastic"`` (bf16/fp16 ``dtype``: K profiles at half the memory)
+            profile k draws with ``seed + k`` (``seed=None``: one drawn as EMA draws it),
+            so that no two profiles share random bits.
     """
 
     def __init__(self, model: Union[nn.Module, Sequence[torch.Tensor]],
@@ -115,9 +118,11 @@ class PostHocEMA:
         self.snapshot_dir = Path(snapshot_dir) if snapshot_dir is not None else None
         if self.snapshot_dir is not None:
             self.snapshot_dir.mkdir(parents=True, exist_ok=True)
+        seeds = _profiles.profile_seeds(ema_kwargs, len(schedules))
         self._leader = _profiles.ProfileLeader(model, schedule=_profiles.AllProfiles(schedules),
-                                               **ema_kwargs)
-        followers = [EMA(model, schedule=s, **ema_kwargs) for s in schedules[1:]]
+                                               **ema_kwargs, **seeds[0])
+        followers = [EMA(model, schedule=s, **ema_kwargs, **seed)
+                     for s, seed in zip(schedules[1:], seeds[1:])]
         self._leader.followers = followers
         self._emas: list[EMA] = [self._leader, *followers]
         self.profiles = tuple(Profile(p.sigma_rel, p.gamma) for p in schedules)

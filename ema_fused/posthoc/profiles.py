@@ -12,9 +12,21 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..ema import EMA, copy_across_, update_across_
+from ..checks import rounding as _rounding
+from ..ema import EMA, copy_across_, update_across_, draw_seed
 from ..schedules import Schedule, karras_power
 from . import snapshots as _snaps
+
+
+def profile_seeds(ema_kwargs: dict, k_count: int) -> list[dict]:
+    """Each profile's ``seed=`` keyword (popped from ``ema_kwargs``): ``seed + k`` for
+    profile k with stochastic rounding (a seed drawn once for all when None), nothing
+    otherwise (EMA then refuses a seed without stochastic rounding)."""
+    seed = ema_kwargs.pop("seed", None)
+    if ema_kwargs.get("rounding", "nearest") != "stochastic":
+        return [{} if seed is None else {"seed": seed}] + [{}] * (k_count - 1)
+    base = draw_seed() if seed is None else _rounding.check_u64("PostHocEMA: seed", seed)
+    return [{"seed": (base + k) % _rounding.U64} for k in range(k_count)]
 
 
 class PowerProfile(karras_power):
@@ -85,9 +97,11 @@ class ProfileLeader(EMA):
         for f in self.followers:
             f._step = self._step
 
-    def _average(self, weight, copy: bool, active=None) -> None:
+    def _average(self, weight, copy: bool, active=None, step: int = 0) -> None:
         decays = [0.0] * (1 + len(self.followers)) if copy else list(self.schedule.last)
-        update_profiles(self._synced_plans(), decays, self._backend_request)
+        seeds = ([e.seed for e in [self, *self.followers]]
+                 if self.rounding == "stochastic" else None)
+        update_profiles(self._synced_plans(), decays, self._backend_request, step, seeds)
         self._pending = decays
 
     def _synced_plans(self) -> list:
@@ -116,49 +130,61 @@ def _copy_group(impl, shadows, params, prepared) -> None:
         impl.copy_(shadows, params, 1.0)
 
 
-def _update_profiles(groups: list, weights: list[float]) -> None:
+def _update_profiles(groups: list, weights: list[float],
+                     stochastic: Optional[_rounding.MultiStochastic] = None) -> None:
     """The averaging step of one device group for several profiles: ``groups[k]`` is
     profile k's ``(backend impl, shadows, params, prepared)``, ``weights[k]`` its
     ``1 - decay``.  The kernel backends run one multi-shadow update (``multi_update_``
     of the backend EMA chose for the device: the pairs are EMA's own, checked as it
     checks them, so the op layer's per-call checks are skipped as EMA skips them).
     ``foreach`` has no one-pass kernel (it would read the params K times anyway): each
-    profile runs its own prepared update, the very calls its EMA would make."""
+    profile runs its own prepared update, the very calls its EMA would make.
+    ``stochastic``: the counter words of a stochastic update (profile k: its EMA's)."""
     impl = groups[0][0]
     if impl.multi_update_ is not None and impl.name != "foreach":
-        impl.multi_update_([g[1] for g in groups], groups[0][2], weights)
+        extra = {} if stochastic is None else {"stochastic": stochastic}
+        impl.multi_update_([g[1] for g in groups], groups[0][2], weights, **extra)
         return
-    for (impl, shadows, params, prepared), w in zip(groups, weights):
+    for k, ((impl, shadows, params, prepared), w) in enumerate(zip(groups, weights)):
+        extra = {} if stochastic is None else {"stochastic": stochastic.profile(k)}
         if prepared is not None:
-            prepared.update_(w)
+            prepared.update_(w, **extra)
         else:
-            impl.update_(shadows, params, w)
+            impl.update_(shadows, params, w, **extra)
 
 
-def update_profiles(plans: list, decays: list[float], backend: str) -> None:
+def update_profiles(plans: list, decays: list[float], backend: str, step: int = 0,
+                    seeds: Optional[list[int]] = None) -> None:
     """One pass for all profiles: ``shadow_k <- lerp(shadow_k, param, 1 - decay_k)``
     (a decay of 0 copies), then the copied (non-averaged) tensors of each.
 
     Same-device plans: per device, one multi-shadow update for the profiles that
     average (each parameter read once for all of them; bit for bit what K separate
     updates give).  Shadows on another device than the model (``device=``): staged
-    per profile, as EMA does."""
+    per profile, as EMA does.  ``seeds``: the profiles' seeds of a stochastic update
+    (its offset is ``step``), None for nearest rounding."""
     with torch.no_grad():
         if any(p.groups is None for p in plans):
-            for p, d in zip(plans, decays):
+            for k, (p, d) in enumerate(zip(plans, decays)):
                 if d == 0.0:
                     copy_across_(p.ema_s, p.ema_p, 1.0, backend)
                 else:
-                    update_across_(p.ema_s, p.ema_p, 1.0 - d, backend)
+                    spec = None if seeds is None else _rounding.Stochastic(
+                        seeds[k], step, tuple(p.positions), (0,) * len(p.positions))
+                    update_across_(p.ema_s, p.ema_p, 1.0 - d, backend, stochastic=spec)
         else:
             averaging = [k for k, d in enumerate(decays) if d != 0.0]
             weights = [1.0 - decays[k] for k in averaging]
-            for groups in zip(*(p.groups for p in plans)):
+            for g, groups in enumerate(zip(*(p.groups for p in plans))):
                 for k, d in enumerate(decays):
                     if d == 0.0:
                         _copy_group(*groups[k])
                 if averaging:
-                    _update_profiles([groups[k] for k in averaging], weights)
+                    positions = tuple(plans[0].group_positions[g])
+                    spec = None if seeds is None else _rounding.MultiStochastic(
+                        tuple(seeds[k] for k in averaging), step, positions,
+                        (0,) * len(positions))
+                    _update_profiles([groups[k] for k in averaging], weights, spec)
         for p in plans:
             for s, t in zip(p.copy_s, p.copy_p):
                 s.copy_(t)

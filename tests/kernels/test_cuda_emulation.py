@@ -348,3 +348,70 @@ def test_weighted_sum_refuses_a_non_float32_out_naming_it_before_writing(run):
         run([buf[:TILE], torch.zeros(TILE)], [torch.ones(TILE), buf[4:TILE + 4]],
             "weighted_sum", 0.5)
     assert not buf.any()
+
+
+# --- the stochastic update (stochastic.h): the tile engine's bits are the CPU kernel's ----
+
+HALF = (torch.bfloat16, torch.float16)
+SR_PAIRS = [(sd, pd) for sd in HALF for pd in DTYPES]
+SR_IDS = [f"{a}-{b}".replace("torch.", "") for a, b in SR_PAIRS]
+KAT = ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), 0x299F31D0A4093822,
+       [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1])  # Random123's kat_vectors
+
+
+def test_the_engine_philox_gives_the_known_answers(run):
+    from ema_fused.backends.stochastic import philox
+    from ema_fused.checks.rounding import to_int64
+    counter, key, out = KAT
+    assert torch.ops.ema_fused_emulation.philox(*counter, to_int64(key)) == out
+    for c in [(0, 1, 2, 3), (2**32 - 1, 7, 0, 2**31), (123456, 0, 99, 1)]:
+        words = philox(*[torch.tensor([x]) for x in c], 0xFEDCBA9876543210)[0].tolist()
+        assert torch.ops.ema_fused_emulation.philox(*c, to_int64(0xFEDCBA9876543210)) == words
+
+
+def _stochastic_reference(shadows, params, weight, skip, seed, offset, positions, starts):
+    """The foreach backend's torch code (tests/kernels/test_stochastic_rounding.py checks
+    the CPU kernel against it too)."""
+    from ema_fused.backends import stochastic
+    from ema_fused.checks.rounding import Stochastic
+    out = [s.clone() for s in shadows]
+    if weight == 1.0:
+        for o, p in zip(out, params):
+            o.copy_(torch.where(torch.isfinite(p), p.to(o.dtype), o) if skip else p)
+    elif weight != 0.0:
+        stochastic.update_(out, params, weight, skip, Stochastic(seed, offset, tuple(positions),
+                                                                 tuple(starts)), 1 << 20)
+    return out
+
+
+@pytest.mark.parametrize("skip", [False, True], ids=["plain", "skip_nonfinite"])
+@pytest.mark.parametrize("sd,pd", SR_PAIRS, ids=SR_IDS)
+def test_stochastic_engine_gives_the_cpu_kernels_bits_on_every_path(run, sd, pd, skip):
+    """Vector and scalar-b full tiles, guarded tails and heads (misaligned views), starts
+    that are not multiples of 8 (a vector straddling two draws): bit for bit the torch
+    code's, and the same paths (same accesses) as the nearest engine takes."""
+    gen = seeded("sr-engine", sd, pd, skip)
+    shadows = [rand(n, sd, gen) for n in SIZES] + [rand(2 * TILE + 9, sd, gen)[1:]]
+    params = [rand(n, pd, gen, scale=3.0) for n in SIZES] + [rand(2 * TILE + 9, pd, gen)[1:]]
+    params[-2][::97] = float("nan")
+    params[-2][5::89] = float("inf")
+    positions = [int(x) for x in torch.randint(0, 2**32, (len(shadows),), generator=gen)]
+    starts = [int(x) for x in torch.randint(0, 2**30, (len(shadows),), generator=gen)]
+    seed, offset = 2**64 - 3, 77
+    for w in (0.3, 0.75, 0.0, 1.0):
+        want = _stochastic_reference(shadows, params, w, skip, seed, offset, positions, starts)
+        got = [s.clone() for s in shadows]
+        trace = torch.ops.ema_fused_emulation.run_stochastic_(
+            got, params, w, skip, seed - (1 << 64), offset, positions, starts)
+        assert trace == ([0] * 5 if w == 0.0 else expected_trace(got, params))
+        for i, (g, e) in enumerate(zip(got, want)):
+            nan = e.isnan()  # a copied NaN: torch's conversion and c10's differ in payload
+            assert torch.equal(g.isnan(), nan), (w, i)
+            assert torch.equal(g.view(torch.int16)[~nan], e.view(torch.int16)[~nan]), (w, i)
+
+
+def test_stochastic_engine_refuses_float32_shadows(run):
+    with pytest.raises(RuntimeError, match=r"shadows\[1\] is float32; stochastic rounding"):
+        torch.ops.ema_fused_emulation.run_stochastic_(
+            [torch.zeros(3, dtype=torch.bfloat16), torch.zeros(3)], [torch.ones(3)] * 2, 0.5,
+            False, 1, 1, [0, 1], [0, 0])

@@ -78,6 +78,19 @@ def test_each_full_tile_path_has_exactly_its_vector_accesses(ptx, kind, a, b, ve
     assert _accesses(ptx[name]) == _probe_expectation(kind, a, b, vector_b)
 
 
+SR_PROBES = [(k, a, b) for k in ("Update", "UpdateFinite") for a in ("bf16", "f16") for b in DTYPES]
+
+
+@pytest.mark.parametrize("vector_b", [True, False], ids=["vector", "scalar_b"])
+@pytest.mark.parametrize("kind,a,b", SR_PROBES, ids=["-".join(p) for p in SR_PROBES])
+def test_stochastic_full_tiles_access_memory_as_the_nearest_ones(ptx, kind, a, b, vector_b):
+    """The stochastic update draws its random bits in registers (Philox, one draw per
+    vector of 4 elements): the same global loads and stores as the nearest update."""
+    name = f"stochastic_{kind}_{a}_{b}_{'vector' if vector_b else 'scalar_b'}"
+    assert _accesses(ptx[name]) == _probe_expectation(kind, a, b, vector_b)
+    assert "mul.hi.u32" in ptx[name]  # the draws are there
+
+
 def _kinds() -> list[str]:
     """Kind's enumerators in order, read from multi_tensor.h (their values mangle the names)."""
     with open(os.path.join(ROOT, "csrc", "multi_tensor.h")) as f:
@@ -88,6 +101,10 @@ def _kinds() -> list[str]:
 # CopyFinite has no kernel of its own: UpdateFinite runs it for weight 1
 KERNELS = {kind: f"_ZN9ema_fused12tiles_kernelILNS_4KindE{value}EEEvPKllfPKf"
            for value, kind in enumerate(_kinds()) if kind != "CopyFinite"}
+# the stochastic update's kernels (their copies, weight 1, run in them too)
+KERNELS.update({f"Stochastic{kind}": f"_ZN9ema_fused23stochastic_tiles_kernelILNS_4KindE{value}"
+                                     "EEEvPKllfNS_9RandomKeyE"
+                for value, kind in enumerate(_kinds()) if kind in ("Update", "UpdateFinite")})
 
 
 @pytest.mark.parametrize("kind", KERNELS)
@@ -126,6 +143,17 @@ def test_a_zero_device_weight_exits_before_the_table_is_read(ptx, update):
     start = next(i for i, l in enumerate(copy) if "ld.global" in l)
     assert not any("0f00000000" in l for l in copy[start:next(
         i for i, l in enumerate(copy) if "ld.global.u64" in l)])  # the copy has no such exit
+
+
+@pytest.mark.parametrize("kernel", ["StochasticUpdate", "StochasticUpdateFinite"])
+def test_a_zero_stochastic_weight_exits_before_the_table_is_read(ptx, kernel):
+    """Weight 0 changes nothing: a comparison with 0 and a branch on it come before the
+    first tile-table load, so no tensor is read."""
+    lines = [line.strip() for line in ptx[KERNELS[kernel]].splitlines()]
+    first_table = next(i for i, l in enumerate(lines) if "ld.global" in l)
+    before = lines[:first_table]
+    assert any("setp.eq.f32" in l and "0f00000000" in l for l in before), before
+    assert any(re.match(r"@%p\d+ bra", l) for l in before), before
 
 
 def test_a_zero_weight_sum_exits_before_the_table_is_read(ptx):

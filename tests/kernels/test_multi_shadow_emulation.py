@@ -157,3 +157,38 @@ def test_checks_name_profile_and_index_and_write_nothing(emu):
     with pytest.raises(RuntimeError, match=r"profile 0: tensors\[1\] must be contiguous"):
         emu.multi_([flat[0], torch.zeros(64, 64).t()], [params[0], torch.zeros(64, 64)], [0.5])
     assert all(torch.equal(s, b) for s, b in zip(flat, before))
+
+
+# --- the stochastic multi update: profile k draws with its own seed --------------------
+
+@pytest.mark.parametrize("k", [1, 3, 9])
+def test_stochastic_profiles_equal_k_single_stochastic_updates(emu, k):
+    """Each profile's bits are the single stochastic update's (the torch code of the
+    foreach backend, which the CPU and tile kernels match: tests/kernels), on every path,
+    with the weights' ends exact; past 8 profiles, a second group."""
+    from ema_fused.backends import stochastic
+    from ema_fused.checks.rounding import Stochastic
+    gen = seeded("sr-k", k)
+    sizes = list(SIZES) + [TILE + 3]
+    params = [rand(n, DTYPES[j % 3], gen, scale=3.0) for j, n in enumerate(sizes)]
+    params[-1] = rand(TILE + 5, torch.bfloat16, gen)[2:]  # off its vector grid
+    shadows = [[rand(n, (torch.bfloat16, torch.float16)[(q + j) % 2], gen)
+                for j, n in enumerate(sizes)] for q in range(k)]
+    weights = [(0.25, 0.0, 1.0, 0.9, 2 ** -20, 0.5, 0.01, 0.6, 0.3)[q] for q in range(k)]
+    seeds = [int(x) for x in torch.randint(0, 2**62, (k,), generator=gen)]
+    positions = list(range(100, 100 + len(params)))
+    starts = [8 * j + j % 5 for j in range(len(params))]
+    want = [[s.clone() for s in profile] for profile in shadows]
+    for q, w in enumerate(weights):
+        if w == 1.0:
+            for o, p in zip(want[q], params):
+                o.copy_(p)
+        elif w != 0.0:
+            stochastic.update_(want[q], params, w, False,
+                               Stochastic(seeds[q], 5, tuple(positions), tuple(starts)), 1 << 20)
+    trace = emu.multi_stochastic_([s for profile in shadows for s in profile], params, weights,
+                                  seeds, 5, positions, starts)
+    assert trace == expected_trace(shadows, params, weights)
+    for q in range(k):
+        for i, (g, e) in enumerate(zip(shadows[q], want[q])):
+            assert torch.equal(g.view(torch.int16), e.view(torch.int16)), (q, i)

@@ -20,6 +20,7 @@ std::array<int64_t, 8> trace{};  // indexed by ema_fused::MultiTrace
 
 #include "multi_checks.h"
 #include "multi_shadow.h"
+#include "stochastic_checks.h"
 
 namespace {
 
@@ -70,9 +71,54 @@ void single(at::TensorList shadows, at::TensorList params, double weight) {
   }
 }
 
+// The stochastic multi update as cuda_multi_shadow.cu launches it: tables with the
+// params' counter words, profile j's seed in MultiKeys.
+std::vector<int64_t> multi_stochastic(at::TensorList shadows, at::TensorList params,
+                                      c10::ArrayRef<double> weights, at::IntArrayRef seeds,
+                                      int64_t offset, at::IntArrayRef positions,
+                                      at::IntArrayRef starts) {
+  emulation::trace.fill(0);
+  const char* op = "emulated stochastic multi update";
+  TORCH_CHECK(seeds.size() == weights.size(), op, ": one seed per profile");
+  ema_fused::check_counters(op, params, positions, starts);
+  const ema_fused::MultiPlan plan =
+      ema_fused::check_multi(op, shadows, params, weights, at::Device(at::kCPU));
+  ema_fused::check_rounded_profiles(op, plan);
+  ema_fused::check_multi_overlaps(op, shadows, params);
+  for (size_t g = 0; g < plan.active.size() && !plan.pairs[0].empty(); g += kMaxProfiles) {
+    const size_t end = std::min(plan.active.size(), g + static_cast<size_t>(kMaxProfiles));
+    std::vector<int64_t> words(ema_fused::multi_table_size(plan.pairs, g, end, true));
+    ema_fused::fill_multi_table(plan.pairs, g, end, words.data(), words.data(), positions.data(),
+                                starts.data());
+    const int64_t n_rows = static_cast<int64_t>(plan.pairs[g].size());
+    const int n_profiles = static_cast<int>(end - g);
+    const int64_t n_tiles = static_cast<int64_t>(words.size()) -
+                            n_rows * ema_fused::multi_row_words(n_profiles, true);
+    ema_fused::MultiWeights ws{};
+    ema_fused::MultiKeys ks{};
+    for (size_t j = g; j < end; ++j) {
+      ws.w[j - g] = plan.weights[j];
+      const auto seed = static_cast<uint64_t>(seeds[plan.active[j]]);
+      ks.k0[j - g] = uint32_t(seed);
+      ks.k1[j - g] = uint32_t(seed >> 32);
+    }
+    ks.off_lo = uint32_t(static_cast<uint64_t>(offset));
+    ks.off_hi = uint32_t(static_cast<uint64_t>(offset) >> 32);
+    for (int64_t block = 0; block < n_tiles; ++block) {
+      for (int thread = 0; thread < ema_fused::kThreads; ++thread) {
+        ema_fused::run_multi_block<true>(words.data(), n_rows, n_profiles, block, thread, ws, ks);
+      }
+    }
+  }
+  return std::vector<int64_t>(emulation::trace.begin(), emulation::trace.end());
+}
+
 }  // namespace
 
 TORCH_LIBRARY(ema_fused_multi_emulation, m) {
+  m.def("multi_stochastic_(Tensor(a!)[] shadows, Tensor[] params, float[] weights, int[] seeds, "
+        "int offset, int[] positions, int[] starts) -> int[]");
+  m.impl("multi_stochastic_", c10::DispatchKey::CompositeExplicitAutograd, &multi_stochastic);
   m.def("multi_(Tensor(a!)[] shadows, Tensor[] params, float[] weights) -> int[]");
   m.impl("multi_", c10::DispatchKey::CompositeExplicitAutograd, &multi);
   m.def("single_(Tensor(a!)[] shadows, Tensor[] params, float weight) -> ()");
