@@ -10,6 +10,9 @@ through the op layer (``ema_fused.ops``).
     host_path.py      the C++ snapshot that lets a cached update plan skip re-reading the model
     staging.py        updates and copies across devices (shadows on another device), in pieces
     as_module.py      EMA.as_module(): an nn.Module face carrying the EMA as extra state
+    explicit.py       EMA.update_from(source, decay=): a caller's decay, another model or list
+    placement.py      EMA.to(device, dtype), pin_memory(), stored_weights(): where shadows live
+    bound.py          EMA.shadow_module() / bind_shadows(): shadows that are a module's tensors
     hooks.py          optimizer step hooks (EMA.attach and the training-loop integrations)
 
 Exported for the layers above (posthoc/, averaging/, integrations/, migrate.py): the class,
