@@ -24,11 +24,11 @@ LAYERS = {
     "distributed": 4, "schedules": 4,
     "ema": 5,
     "posthoc": 6, "averaging": 6, "migrate": 6,
-    "integrations": 7,
+    "integrations": 7, "compat": 7,
     "__init__": 8, "__main__": 9, "demo": 9,
 }
 TOP_LEVEL_MODULES = {"__init__", "__main__", "demo", "distributed", "schedules", "migrate", "ops"}
-SUBPACKAGES = {"checks", "backends", "ema", "posthoc", "averaging", "integrations"}
+SUBPACKAGES = {"checks", "backends", "ema", "posthoc", "averaging", "integrations", "compat"}
 #: subpackages that the units above reach only through their __init__'s __all__
 FACED = ("checks", "ema", "posthoc", "averaging")
 
