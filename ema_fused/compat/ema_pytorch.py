@@ -129,6 +129,8 @@ class EMA(nn.Module):
         return ((n, b) for n, b in model.named_buffers() if n in self.buffer_names)
 
     def _copy_named(self, dst: nn.Module, src: nn.Module, names) -> None:
+        if not names:  # the usual case: no module walk at all
+            return
         with torch.no_grad():
             for d, s in pairs_by_name(dst, src, names):
                 d.copy_(s.to(device=d.device, dtype=d.dtype))

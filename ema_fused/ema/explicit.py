@@ -47,11 +47,12 @@ class ExplicitUpdates:
             weight, copy = (0.0, True) if decay == 0.0 else (1.0 - decay, False)
             if not isinstance(source, nn.Module) and source is not None:
                 source = list(source)  # a generator (model.parameters()) is read once
+            step = self._step + 1  # the update's own step (what keys stochastic rounding)
             if self._is_tracked(source):
                 self._average(weight, copy)
             else:
                 self._average_other(source, weight, copy)
-            self._step += 1
+            self._step = step
             self._decay = decay
             self._decay_product *= decay
 
