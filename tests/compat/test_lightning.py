@@ -4,6 +4,7 @@
 class."""
 import glob
 import os
+import pickle
 
 import pytest
 import torch
@@ -137,3 +138,41 @@ def test_checkpoints_resume_both_ways(tmp_path, direction):
     assert resumed._average_model.n_averaged.item() == reference._average_model.n_averaged.item()
     cp.assert_parity(cp.floats(resumed._average_model.module.state_dict()),
                      cp.floats(reference._average_model.module.state_dict()))
+
+
+class Configured(Tiny):
+    """Layers made in configure_model (Lightning's test_ema_configure_model)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = None
+
+    def configure_model(self) -> None:
+        if self.net is None:
+            self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+
+
+def test_configure_model_a_private_copy_and_pickling(tmp_path):
+    """The averaged model is made after configure_model, is a copy that holds no trainer
+    and binds its own dataloader methods (Lightning's test_weight_averaging_deepcopy), and
+    the callback pickles (ddp_spawn sends it to the workers)."""
+    seen = {}
+
+    class Checked(ours.EMAWeightAveraging):
+        def setup(self, trainer, pl_module, stage):
+            super().setup(trainer, pl_module, stage)
+            module = self._average_model.module
+            seen.update(net=isinstance(module.net, nn.Sequential), trainer=module._trainer,
+                        bound=module.training_step.__self__ is module)
+
+    callback = Checked(decay=0.9)
+    again = pickle.loads(pickle.dumps(ours.EMAWeightAveraging(decay=0.9)))
+    assert again._kwargs["avg_fn"].decay == 0.9
+    model = Configured()
+    trainer = pl.Trainer(accelerator="cpu", devices=1, callbacks=[callback], logger=False,
+                         max_epochs=1, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, default_root_dir=tmp_path)
+    with pytest.warns(UserWarning, match="configure_model"):
+        trainer.fit(model, _data(0, 8))
+    assert seen == {"net": True, "trainer": None, "bound": True}
+    assert callback._average_model.n_averaged.item() == 2
