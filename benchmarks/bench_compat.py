@@ -1,7 +1,7 @@
 """ema_fused.compat's classes next to their peers: one update each, the same shadow dtype.
 
-    python benchmarks/bench_compat.py --out benchmarks/results     # CPU: llama-200m, mix500; bf16, fp32
-    python benchmarks/bench_compat.py --tiny --repeats 2            # CI smoke run
+    python benchmarks/bench_compat.py --out benchmarks/results  # CPU: llama-200m, mix500; bf16, fp32
+    python benchmarks/bench_compat.py --tiny --repeats 2         # CI smoke run
 
 For each model (``common/models.py``), each param dtype and each pair
 (``common/compat_pairs.py``), the peer and the compat class are built on the same
@@ -113,7 +113,8 @@ def table(result: dict) -> str:
     lines = [f"Device: {result['machine']['device_name']}; load average "
              f"{result['load_avg_at_start'][0]:.1f} at the start, "
              f"{result['load_avg_at_end'][0]:.1f} at the end", "",
-             "| model | dtype | peer | shadows | peer ms | compat ms | speed-up | per-round | goal |",
+             "| model | dtype | peer | shadows | peer ms | compat ms | speed-up | per-round "
+             "| goal |",
              "|---|---|---|---|---:|---:|---:|---:|---|"]
     for r in result["rows"]:
         head = f"| {r['model']} | {r['dtype']} | {r['pair']} | {r['shadow_dtype']} |"

@@ -1,6 +1,7 @@
 """diffusers' ``EMAModel`` (``diffusers.training_utils``) over :class:`ema_fused.EMA`.
 
-    from ema_fused.compat.diffusers import EMAModel   # was: from diffusers.training_utils import EMAModel
+    from ema_fused.compat.diffusers import EMAModel
+    # was: from diffusers.training_utils import EMAModel
 
 Same constructor, methods, attributes, ``state_dict`` format (what accelerate's
 ``register_for_checkpointing`` saves), ``save_pretrained``/``from_pretrained`` and

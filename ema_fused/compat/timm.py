@@ -83,7 +83,8 @@ class ModelEmaV3(nn.Module):
         super().__init__()
         self.decay, self.min_decay = decay, min_decay
         self.update_after_step = update_after_step
-        self.use_warmup, self.warmup_gamma, self.warmup_power = use_warmup, warmup_gamma, warmup_power
+        self.use_warmup = use_warmup
+        self.warmup_gamma, self.warmup_power = warmup_gamma, warmup_power
         self.foreach = foreach
         self.device, self.dtype = device, dtype
         self.stochastic_rounding = stochastic_rounding

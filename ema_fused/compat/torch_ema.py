@@ -1,6 +1,7 @@
 """torch_ema's ``ExponentialMovingAverage`` over :class:`ema_fused.EMA`.
 
-    from ema_fused.compat.torch_ema import ExponentialMovingAverage  # was: from torch_ema import ...
+    from ema_fused.compat.torch_ema import ExponentialMovingAverage
+    # was: from torch_ema import ExponentialMovingAverage
 
 Same constructor, methods, attributes (``decay``, ``num_updates``, ``shadow_params``,
 ``collected_params``), ``state_dict`` format and numbers; the update is one fused pass.
@@ -114,7 +115,8 @@ class ExponentialMovingAverage:
             yield
 
     def to(self, device=None, dtype=None) -> None:
-        """Move the averages (and the stored copy) to ``device``, cast floating ones to ``dtype``."""
+        """Move the averages (and the stored copy) to ``device``; cast the floating ones to
+        ``dtype``."""
         self._usable()
         self._ema.to(device=device, dtype=dtype)
 

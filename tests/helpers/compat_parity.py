@@ -52,7 +52,8 @@ def assert_parity(ours: Mapping[str, torch.Tensor], theirs: Mapping[str, torch.T
         if exact or not t.is_floating_point():
             assert torch.equal(o, t), f"{name}: max diff {(o.double() - t.double()).abs().max()}"
         else:
-            torch.testing.assert_close(o, t, rtol=RTOL, atol=ATOL, msg=lambda m, n=name: f"{n}: {m}")
+            torch.testing.assert_close(o, t, rtol=RTOL, atol=ATOL,
+                                       msg=lambda m, n=name: f"{n}: {m}")
 
 
 def assert_as_close_to(reference: Mapping[str, torch.Tensor], ours: Mapping[str, torch.Tensor],

@@ -67,7 +67,8 @@ def test_v2_trajectory_parity_and_set(dtype):
     ours.set(m)
     assert all(torch.equal(a, b) for a, b in zip(ours.module.state_dict().values(),
                                                   m.state_dict().values()))
-    assert torch.equal(ours(torch.ones(3, 7, dtype=dtype)), ours.module(torch.ones(3, 7, dtype=dtype)))
+    x = torch.ones(3, 7, dtype=dtype)
+    assert torch.equal(ours(x), ours.module(x))
 
 
 @pytest.mark.parametrize("direction", ["theirs_to_ours", "ours_to_theirs"])

@@ -93,7 +93,8 @@ def test_ema_weight_averaging_matches_lightnings(tmp_path, kwargs):
     n = ours_cb._average_model.n_averaged.item()
     assert n == theirs_cb._average_model.n_averaged.item() and n > 0
     assert (ours_cb.swaps, ours_cb.copies) == (theirs_cb.swaps, theirs_cb.copies) == (6, 1)
-    average, peer = ours_cb._average_model.module.state_dict(), theirs_cb._average_model.module.state_dict()
+    average = ours_cb._average_model.module.state_dict()
+    peer = theirs_cb._average_model.module.state_dict()
     del average["net.1.num_batches_tracked"], peer["net.1.num_batches_tracked"]
     cp.assert_parity(average, peer)
     cp.assert_parity(cp.floats(mine.state_dict()), cp.floats(theirs.state_dict()))

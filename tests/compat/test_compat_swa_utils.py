@@ -109,7 +109,8 @@ def test_the_factories_called_directly_match_torch_and_pickle():
             torch.testing.assert_close(p, q)
     for name, args in (("get_ema_avg_fn", (0.7,)), ("get_swa_avg_fn", ())):
         want = getattr(torch_swa, name)(*args)(a[0], c[0], torch.tensor(3))
-        torch.testing.assert_close(getattr(ours_swa, name)(*args)(a[0], c[0], torch.tensor(3)), want)
+        got = getattr(ours_swa, name)(*args)(a[0], c[0], torch.tensor(3))
+        torch.testing.assert_close(got, want)
     with pytest.raises(ValueError, match="Invalid decay"):
         ours_swa.get_ema_multi_avg_fn(1.5)
     with pytest.raises(AssertionError, match="Only one"):
