@@ -13,6 +13,9 @@ through the op layer (``ema_fused.ops``).
     offload_layout.py   ... the staging slots (pinned, allocated once) and the pieces
     offload_worker.py   ... the background thread, its errors, a clean exit
     as_module.py      EMA.as_module(): an nn.Module face carrying the EMA as extra state
+    explicit.py       EMA.update_from(source, decay=): a caller's decay, another model or list
+    placement.py      EMA.to(device, dtype), pin_memory(), stored_weights(): where shadows live
+    bound.py          EMA.shadow_module() / bind_shadows(): shadows that are a module's tensors
     hooks.py          optimizer step hooks (EMA.attach and the training-loop integrations)
     rounding.py       rounding="stochastic": its checks, the seed, each update's counter words
 

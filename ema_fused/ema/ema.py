@@ -20,10 +20,13 @@ from . import hooks as _hooks
 from . import host_path as _host_path
 from . import rounding as _rounding
 from .as_module import EMAStateModule
+from .bound import BoundShadows
 from .capturable import DeviceSchedule
+from .explicit import ExplicitUpdates
 from .model_checks import check_not_meta
 from .offload import Deferral, Offload, for_ema
 from .offload_layout import Layout
+from .placement import ShadowPlacement
 from .reads import AveragedReads
 from .staging import copy_across_, update_across_
 from .tracking import Tracked
@@ -55,7 +58,7 @@ class _Plan:
         self.layout: Optional[Layout] = None  # offloaded shadows: slots and pieces, made once
 
 
-class EMA(AveragedReads):
+class EMA(AveragedReads, ExplicitUpdates, ShadowPlacement, BoundShadows):
     """Exponential moving average of a model's weights, with FP32 master shadows.
 
     Each :meth:`update` does ``shadow <- decay * shadow + (1 - decay) * param`` for
@@ -282,6 +285,7 @@ class EMA(AveragedReads):
         schedule that failed, a changed model) leaves the step where it was.
         """
         self._guard("update", settle=False)
+        self._follow_bound()
         if self._device_schedule is not None:
             self._update_on_device(step)
             return
@@ -428,8 +432,9 @@ class EMA(AveragedReads):
                 self._plan = None
 
     def _follow_devices(self, live: list[torch.Tensor]) -> None:
-        """Shadows made beside a tensor (``device=None``) move when that tensor moved."""
-        if self._device is None:
+        """Shadows made beside a tensor (``device=None``) move when that tensor moved;
+        shadows that are a module's tensors (``shadow_module``) stay where it holds them."""
+        if self._device is None and self._bound is None:
             for i, (s, t) in enumerate(zip(self._shadows, live)):
                 s_local, t_local = _distributed.local(s), _distributed.local(t)
                 if s_local.device != t_local.device:

@@ -41,6 +41,7 @@ class AveragedReads:
         be laid out like its shadow.  FSDP2 modules are resharded first (no
         communication), so that a forward after a write all-gathers the written shards,
         never an unsharded copy of the weights from before."""
+        self._follow_bound()
         model = unwrap(model)
         _distributed.reshard_fsdp(model if model is not None else self._tracked.module)
         live = self._tracked.read(model)
@@ -55,7 +56,9 @@ class AveragedReads:
         """Before handing out shadows: follow a model sharded since the last use (only
         possible once ``torch.distributed.tensor`` is imported).  Other mismatches are
         left to the next update or read, which name them: the shadows themselves are
-        fine to hand out whatever state the model is in."""
+        fine to hand out whatever state the model is in.  Shadows held by a module
+        (``shadow_module``) are taken afresh from it first."""
+        self._follow_bound()
         if not _distributed.is_dtensor_possible():
             return
         try:

@@ -188,3 +188,24 @@ def test_build_command_rejects_unknown_options():
     out = subprocess.run([sys.executable, "-m", "ema_fused", "build", "--bogus"],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 2 and "--bogus" in out.stderr
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_one_16bit_dtype_pairs_go_to_torch_with_its_bits(ext, dtype):
+    """Pairs of one 16-bit dtype on the CPU are updated and copied by torch's vectorised
+    lerp / copy (faster than the C++ loops there); mixed pairs stay in the kernels; the
+    results are torch's to the bit, for weights on both sides of 0.5 and odd sizes."""
+    from ema_fused.backends import cpp
+    gen = torch.Generator().manual_seed(21)
+    shadows = [rand(n, dtype, gen) for n in (1, 7, 4097)]
+    params = [rand(n, dtype, gen) for n in (1, 7, 4097)]
+    mixed = (rand(5, torch.float32, gen), rand(5, dtype, gen))
+    ks, _, rs, _ = cpp._split("update", shadows + [mixed[0]], params + [mixed[1]])
+    assert ks == [mixed[0]] and len(rs) == 3
+    for w in (0.001, 0.7):
+        ours, theirs = [s.clone() for s in shadows], [s.clone() for s in shadows]
+        ema_update_(ours, params, w, backend="cpu")
+        torch._foreach_lerp_(theirs, params, w)
+        assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+    ema_copy_(shadows, params, 0.5, backend="cpu")
+    assert all(torch.equal(s, (p.float() * 0.5).to(dtype)) for s, p in zip(shadows, params))

@@ -25,11 +25,11 @@ LAYERS = {
     "ema": 5,
     "averaging": 6, "migrate": 6,
     "posthoc": 7,  # a synthesis is a weighted sum of snapshots: averaging's streamed one
-    "integrations": 8,
+    "integrations": 8, "compat": 8,
     "__init__": 9, "__main__": 10, "demo": 10,
 }
 TOP_LEVEL_MODULES = {"__init__", "__main__", "demo", "distributed", "schedules", "migrate", "ops"}
-SUBPACKAGES = {"checks", "backends", "ema", "posthoc", "averaging", "integrations"}
+SUBPACKAGES = {"checks", "backends", "ema", "posthoc", "averaging", "integrations", "compat"}
 #: subpackages that the units above reach only through their __init__'s __all__
 FACED = ("checks", "ema", "posthoc", "averaging")
 
