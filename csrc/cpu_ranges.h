@@ -7,6 +7,12 @@
 //    FMA, F16C): 94 -> 88 ms on one thread.
 //  * c10::Half's conversions branch on subnormals, so no fp16 loop vectorised; the exact
 //    branch-free ones below do (fp16 param, fp32 shadow: 403 -> 78 ms).
+//  * an "arch=x86-64-v4" (AVX-512) clone: bf16 shadow and param, 5e7 elements on one core
+//    of the 2-core AMD EPYC VM, 0.30 -> 0.22 ns per element; fp16/fp16 1.01 -> 0.70.
+//  * bf16 shadow and bf16 param are updated two elements per 32-bit word (bf16_pairs):
+//    one shift or mask makes each half an fp32 value and the results join with one or,
+//    where the element loop widens and narrows across vector lanes: 0.22 -> 0.18 ns
+//    (AVX-512), 0.30 -> 0.19 (AVX2); the same arithmetic per element, the same bits.
 //
 // Everything here has internal linkage in each translation unit (an unnamed namespace),
 // so each one keeps its own target_clones resolvers; the loops are the same templates
@@ -19,7 +25,8 @@
 
 // GCC < 12 has no "arch=x86-64-v3" clone; "avx2" also tests the feature (no FMA).
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && __GNUC__ >= 12
-#define EMA_FUSED_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define EMA_FUSED_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #elif defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define EMA_FUSED_CLONES __attribute__((target_clones("avx2", "default")))
 #else
@@ -41,11 +48,13 @@ inline uint32_t pick(bool c, uint32_t a, uint32_t b) {
 // Storage formats: load to fp32 exactly, store from fp32 rounded to nearest even.
 // Checked against F16C and a nearest-even reference for all 2^32 floats / 2^16 halves.
 struct F32 {
+  static constexpr bool kBF16 = false;
   using Raw = float;
   static float load(float v) { return v; }
   static float store(float f) { return f; }
 };
 struct BF16 {
+  static constexpr bool kBF16 = true;
   using Raw = uint16_t;
   static float load(uint16_t v) { return float_of(uint32_t(v) << 16); }
   static uint16_t store(float f) {
@@ -55,6 +64,7 @@ struct BF16 {
   }
 };
 struct F16 {
+  static constexpr bool kBF16 = false;
   using Raw = uint16_t;
   static float load(uint16_t v) {
     const uint32_t em = v & 0x7fffu;
@@ -79,10 +89,68 @@ struct F16 {
 // Each kernel gets a chunk's two base pointers, its length and one scalar.
 using RangeFn = void (*)(void*, void*, int64_t, float);
 
+// BF16::store's bits of f in the high half of a word (the low half zero).
+inline uint32_t bf16_high(float f) {
+  const uint32_t x = bits_of(f);
+  const uint32_t rounded = (x + 0x7fffu + ((x >> 16) & 1u)) & 0xffff0000u;
+  return pick((x & 0x7fffffffu) > 0x7f800000u, 0x7fc00000u, rounded);
+}
+
+// Two bf16 elements read and written as one word (may_alias: the storage is uint16_t).
+using Word __attribute__((may_alias)) = uint32_t;
+
+// update_range<BF16, BF16> over n pairs of elements, each pair one 32-bit word (the
+// lower-addressed element in the low half: little-endian), the same formulas.
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "bf16_pairs: little-endian words");
+EMA_FUSED_CLONES void bf16_pairs(Word* __restrict__ s, const Word* __restrict__ p,
+                                 int64_t n, float w) {
+  if (w < 0.5f) {
+    for (int64_t i = 0; i < n; ++i) {
+      const uint32_t a = s[i], b = p[i];
+      const float a0 = float_of(a << 16), a1 = float_of(a & 0xffff0000u);
+      const float b0 = float_of(b << 16), b1 = float_of(b & 0xffff0000u);
+      s[i] = (bf16_high(a0 + w * (b0 - a0)) >> 16) | bf16_high(a1 + w * (b1 - a1));
+    }
+  } else {
+    const float v = 1.0f - w;
+    for (int64_t i = 0; i < n; ++i) {
+      const uint32_t a = s[i], b = p[i];
+      const float a0 = float_of(a << 16), a1 = float_of(a & 0xffff0000u);
+      const float b0 = float_of(b << 16), b1 = float_of(b & 0xffff0000u);
+      s[i] = (bf16_high(b0 - v * (b0 - a0)) >> 16) | bf16_high(b1 - v * (b1 - a1));
+    }
+  }
+}
+
+template <typename S, typename P>
+EMA_FUSED_CLONES void update_elements(void* s_raw, void* p_raw, int64_t n, float w);
+
 // s += w * (p - s) for 0 < w < 1 (update_with copies for w == 1 and skips w == 0).  For
 // w >= 0.5 the form p - (1 - w) * (p - s) (1 - w is exact there), like torch.lerp.
+// bf16 <- bf16 goes by pairs where both pointers can reach a 4-byte boundary together.
 template <typename S, typename P>
-EMA_FUSED_CLONES void update_range(void* s_raw, void* p_raw, int64_t n, float w) {
+void update_range(void* s_raw, void* p_raw, int64_t n, float w) {
+  if constexpr (sizeof(typename S::Raw) == 2 && sizeof(typename P::Raw) == 2 &&
+                S::kBF16 && P::kBF16) {
+    auto* s = static_cast<uint16_t*>(s_raw);
+    auto* p = static_cast<uint16_t*>(p_raw);
+    const auto sa = reinterpret_cast<uintptr_t>(s), pa = reinterpret_cast<uintptr_t>(p);
+    if (((sa ^ pa) & 3u) == 0 && n >= 8) {
+      const int64_t head = (sa & 3u) ? 1 : 0;  // one element to the 4-byte boundary
+      update_elements<S, P>(s, p, head, w);
+      const int64_t pairs = (n - head) / 2;
+      bf16_pairs(reinterpret_cast<Word*>(s + head), reinterpret_cast<const Word*>(p + head),
+                 pairs, w);
+      const int64_t done = head + 2 * pairs;
+      update_elements<S, P>(s + done, p + done, n - done, w);
+      return;
+    }
+  }
+  update_elements<S, P>(s_raw, p_raw, n, w);
+}
+
+template <typename S, typename P>
+EMA_FUSED_CLONES void update_elements(void* s_raw, void* p_raw, int64_t n, float w) {
   auto* __restrict__ s = static_cast<typename S::Raw*>(s_raw);
   const auto* __restrict__ p = static_cast<const typename P::Raw*>(p_raw);
   if (w < 0.5f) {
