@@ -122,13 +122,14 @@ void kernel_swap_cpu(at::TensorList a, at::TensorList b) {
 }
 
 // Any finite weight (negative ones too: post-hoc EMA's solution has them).  Weight 0 adds
-// nothing and reads nothing (the inputs are still checked; an Inf input adds no NaN).
+// nothing and reads nothing (the inputs are still checked; an Inf input adds no NaN), and
+// so does a weight that rounds to 0 in float32, the kernel's math.
 void kernel_weighted_sum_cpu(at::TensorList out, at::TensorList inputs, double weight) {
   TORCH_CHECK_VALUE(std::isfinite(static_cast<float>(weight)),
                     "kernel_weighted_sum_: weight must be finite in float32, got ", weight);
   std::vector<Chunk> chunks =
       plan("kernel_weighted_sum_", out, inputs, Kind::Accumulate, Kind::Accumulate);
-  if (weight != 0.0) run(std::move(chunks), static_cast<float>(weight));
+  if (static_cast<float>(weight) != 0.0f) run(std::move(chunks), static_cast<float>(weight));
 }
 
 }  // namespace

@@ -263,12 +263,13 @@ void kernel_swap_cuda(at::TensorList a, at::TensorList b) {
   launch<Kind::Swap>("kernel_swap_", a, b, 0.0f, nullptr);
 }
 
-// out[i] += weight * inputs[i].  Weight 0 checks the inputs and launches nothing.
+// out[i] += weight * inputs[i].  Weight 0 checks the inputs and launches nothing; so does
+// a weight that rounds to 0 in float32, the kernels' math (no 0 * Inf = NaN from it).
 void kernel_weighted_sum_cuda(at::TensorList out, at::TensorList inputs, double weight) {
   const char* op = "kernel_weighted_sum_";
   TORCH_CHECK_VALUE(std::isfinite(static_cast<float>(weight)), op,
                     ": weight must be finite in float32, got ", weight);
-  if (weight == 0.0) {
+  if (static_cast<float>(weight) == 0.0f) {
     if (!out.empty() && out[0].defined()) {
       check_overlaps(op, check_pairs(op, out, inputs, Kind::Accumulate, out[0].device()),
                      Kind::Accumulate);

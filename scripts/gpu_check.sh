@@ -87,7 +87,7 @@ STOCHASTIC=(tests/ops/test_stochastic_gpu.py)
 # then every other file with GPU-marked tests, most important first (the dry run checks
 # that no such file is left out)
 REST=(tests/kernels/test_kernels_gpu.py tests/kernels/test_kernel_edges.py tests/ema/test_gpu.py
-      tests/ema/test_offload_gpu.py
+      tests/ema/test_offload_gpu.py tests/ema/test_placement.py
       tests/distributed/test_distributed_fsdp.py tests/posthoc/test_posthoc_sharded.py
       tests/integrations/test_lightning.py
       tests/integrations/test_transformers.py tests/bench/test_bench_suite.py)

@@ -216,7 +216,10 @@ def weighted_sum_unchecked(out: Sequence[torch.Tensor], inputs: Sequence[torch.T
     """:func:`weighted_sum_` without the overlap check."""
     if weight == 0.0:  # adds nothing (and an Inf input must not make a NaN)
         return
+    in_float32 = float(torch.tensor(weight, dtype=torch.float32)) != 0.0
     for (od, xd), pairs in _group(out, inputs).items():
+        if od == torch.float32 and xd != torch.float64 and not in_float32:
+            continue  # float32 math: this weight is 0 there (no 0 * Inf = NaN either)
         if od == xd:
             torch._foreach_add_([o for o, _ in pairs], [x for _, x in pairs], alpha=weight)
             continue

@@ -122,6 +122,19 @@ def test_a_weight_that_underflows_float32_adds_nothing_triton():
     _underflowing_weights_add_nothing(_usable("triton"), "cpu")
 
 
+@pytest.mark.parametrize("name", ["cpu", "foreach"])
+def test_a_weight_that_underflows_float32_adds_nothing(name):
+    _underflowing_weights_add_nothing(_usable(name), "cpu")
+
+
+def test_a_float64_out_keeps_a_weight_that_underflows_float32():
+    """float64 math: 1e-46 is no zero there; 1e-46 * 1e40 lands in the out."""
+    out = [torch.zeros(3, dtype=torch.float64)]
+    ema_weighted_sum_(out, [torch.full((3,), 1e40, dtype=torch.float64)], 1e-46,
+                      backend="foreach")
+    torch.testing.assert_close(out[0], torch.full((3,), 1e-6, dtype=torch.float64))
+
+
 def test_the_same_tensor_as_out_and_input_is_scaled(backend):
     gen = seeded("self", backend)
     t = rand(4099, torch.float32, gen)
