@@ -7,12 +7,12 @@
 //    FMA, F16C): 94 -> 88 ms on one thread.
 //  * c10::Half's conversions branch on subnormals, so no fp16 loop vectorised; the exact
 //    branch-free ones below do (fp16 param, fp32 shadow: 403 -> 78 ms).
-//  * an "arch=x86-64-v4" (AVX-512) clone: bf16 shadow and param, 5e7 elements on one core
-//    of the 2-core AMD EPYC VM, 0.30 -> 0.22 ns per element; fp16/fp16 1.01 -> 0.70.
 //  * bf16 shadow and bf16 param are updated two elements per 32-bit word (bf16_pairs):
 //    one shift or mask makes each half an fp32 value and the results join with one or,
-//    where the element loop widens and narrows across vector lanes: 0.22 -> 0.18 ns
-//    (AVX-512), 0.30 -> 0.19 (AVX2); the same arithmetic per element, the same bits.
+//    where the element loop widens and narrows across vector lanes: 5e7 elements on one
+//    core of the 2-core AMD EPYC VM, 0.30 -> 0.19 ns per element (AVX2), 0.175 with an
+//    AVX-512 clone (that loop only: on every loop an "arch=x86-64-v4" clone made the
+//    fp32-shadow update of a bf16 model 4-7% slower there); the same bits.
 //
 // Everything here has internal linkage in each translation unit (an unnamed namespace),
 // so each one keeps its own target_clones resolvers; the loops are the same templates
@@ -25,12 +25,15 @@
 
 // GCC < 12 has no "arch=x86-64-v3" clone; "avx2" also tests the feature (no FMA).
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && __GNUC__ >= 12
-#define EMA_FUSED_CLONES \
+#define EMA_FUSED_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define EMA_FUSED_CLONES_AVX512 \
   __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #elif defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define EMA_FUSED_CLONES __attribute__((target_clones("avx2", "default")))
+#define EMA_FUSED_CLONES_AVX512 EMA_FUSED_CLONES
 #else
 #define EMA_FUSED_CLONES
+#define EMA_FUSED_CLONES_AVX512
 #endif
 
 namespace ema_fused {
@@ -102,7 +105,7 @@ using Word __attribute__((may_alias)) = uint32_t;
 // update_range<BF16, BF16> over n pairs of elements, each pair one 32-bit word (the
 // lower-addressed element in the low half: little-endian), the same formulas.
 static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "bf16_pairs: little-endian words");
-EMA_FUSED_CLONES void bf16_pairs(Word* __restrict__ s, const Word* __restrict__ p,
+EMA_FUSED_CLONES_AVX512 void bf16_pairs(Word* __restrict__ s, const Word* __restrict__ p,
                                  int64_t n, float w) {
   if (w < 0.5f) {
     for (int64_t i = 0; i < n; ++i) {

@@ -29,25 +29,25 @@ def supported(a: torch.Tensor, b: torch.Tensor) -> bool:
             and b.data_ptr() % b.element_size() == 0)
 
 
-#: On the CPU, torch's own vectorised lerp and copy beat the C++ loops on fp16 shadows of
-#: fp16 params, with the same bits (fp32 math, one rounding to nearest even): for 2^24
-#: elements on the 2-core VM 1.65 ms against 65 (update) and 1.7 against 4.6 (copy): the
-#: loops' fp16 conversions do not vectorise in the extension's build.  Updates and copies
-#: of such pairs go to the foreach code.  bf16/bf16 stays in the kernels (two elements a
-#: word, csrc/cpu_ranges.h: 1.69 ms against torch's 1.88, copy 1.67 against 1.89), and so
-#: do mixed pairs (bf16 params, fp32 shadows), one pass where torch needs a cast first.
-_TORCH_FASTER_ON_CPU = (torch.float16,)
-
-
-def _kernel_takes(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """:func:`supported`, less the pairs torch updates and copies faster (see above)."""
-    return supported(a, b) and not (a.device.type == "cpu" and a.dtype == b.dtype
-                                    and a.dtype in _TORCH_FASTER_ON_CPU)
+#: On the CPU, torch's own vectorised lerp and copy beat the C++ loops on pairs of one
+#: 16-bit dtype, with the same bits (fp32 math, one rounding to nearest even), except the
+#: bf16 update: for 2^24 elements on the 2-core VM, fp16 updates 1.65 ms against 65 (the
+#: loops' fp16 conversions do not vectorise in the extension's build), copies 1.5-2.3
+#: against 2.1-2.4 ms (bf16) and 1.7 against 4.6 (fp16); bf16 updates 1.5-1.8 ms in the
+#: loops (two elements a word, csrc/cpu_ranges.h) against torch's 1.9-2.2.  Those pairs
+#: go to the foreach code; mixed pairs (bf16 params, fp32 shadows) stay in the kernels,
+#: one pass where torch needs a cast first.
+_TORCH_FASTER_ON_CPU = {"update": (torch.float16,), "copy": (torch.bfloat16, torch.float16)}
 
 
 def _split(kind: str, a: Tensors, b: Tensors):
     """(kernel a, kernel b, rest a, rest b), all pairs checked when some go to the fallback."""
-    return foreach.split_for_kernels(kind, a, b, supported if kind == "swap" else _kernel_takes)
+    faster = _TORCH_FASTER_ON_CPU.get(kind, ())
+
+    def kernel_takes(x: torch.Tensor, y: torch.Tensor) -> bool:
+        return supported(x, y) and not (x.device.type == "cpu" and x.dtype == y.dtype
+                                        and x.dtype in faster)
+    return foreach.split_for_kernels(kind, a, b, kernel_takes)
 
 
 def _kernel_update(shadows: list, params: list, weight, skip_nonfinite: bool) -> None:

@@ -193,8 +193,8 @@ def test_build_command_rejects_unknown_options():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cpu_one_16bit_dtype_pairs_give_torchs_bits(ext, dtype):
     """fp16 pairs on the CPU are updated and copied by torch's vectorised lerp / copy
-    (faster than the C++ loops there), bf16 pairs by the C++ loops (two elements a word);
-    mixed pairs stay in the kernels; the results are torch's to the bit either way, for
+    (faster than the C++ loops there), bf16 pairs updated by the C++ loops (two elements a
+    word) and copied by torch; mixed pairs stay in the kernels; the results are torch's to the bit either way, for
     weights on both sides of 0.5, odd sizes and views off the 4-byte grid."""
     from ema_fused.backends import cpp
     gen = torch.Generator().manual_seed(21)
@@ -212,6 +212,8 @@ def test_cpu_one_16bit_dtype_pairs_give_torchs_bits(ext, dtype):
         assert ks == [mixed[0]] and len(rs) == len(shadows)
     else:
         assert len(ks) == len(shadows) + 1 and not rs
+    ks, _, rs, _ = cpp._split("copy", shadows + [mixed[0]], params + [mixed[1]])
+    assert ks == [mixed[0]] and len(rs) == len(shadows)
     for w in (0.001, 0.7):
         ours, theirs = [s.clone() for s in shadows], [s.clone() for s in shadows]
         ema_update_(ours, params, w, backend="cpu")
