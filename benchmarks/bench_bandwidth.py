@@ -21,7 +21,6 @@ time.  Writes ``bandwidth_<device>_<date>.json`` and prints a table.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -124,13 +123,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     result = run(args.models, device, args.repeats)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"bandwidth_{result['machine']['device_slug']}_{result['machine']['date'][:10]}"
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    (out / f"{stem}.md").write_text(table(result) + "\n")
-    print(table(result))
-    print(f"\nwrote {out / stem}.json")
+    report.save_json(result, args.out, "bandwidth", table=table(result))
     return 0
 
 

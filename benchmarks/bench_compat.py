@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import sys
 from pathlib import Path
@@ -145,14 +144,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     model_names = args.models or (list(models.TINY) if args.tiny else list(models.QUICK))
     result = run(model_names, args.dtypes, torch.device(args.device), args.repeats, args.warmup)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = args.tag or ("tiny" if args.tiny else "")
-    stem = (f"compat_{result['machine']['device_slug']}_{result['machine']['date'][:10]}"
-            + (f"_{tag}" if tag else ""))
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    print(table(result))
-    print(f"\nwrote {out / stem}.json")
+    report.save_json(result, args.out, "compat", args.tag or ("tiny" if args.tiny else ""),
+                     table(result))
     return 0
 
 

@@ -17,7 +17,6 @@ Writes ``multi_update_<device>_<date>[_<tag>].json`` and prints a table.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -148,14 +147,8 @@ def main(argv=None) -> int:
                                   ["llama-1.1b", "mix500"] if gpu else ["llama-200m", "mix500"])
     device = torch.device(args.device)
     result = run(model_names, args.ks, device, args.repeats, args.warmup)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = args.tag or ("tiny" if args.tiny else "")
-    stem = (f"multi_update_{result['machine']['device_slug']}_{result['machine']['date'][:10]}"
-            + (f"_{tag}" if tag else ""))
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    print(table(result))
-    print(f"\nwrote {out / stem}.json")
+    report.save_json(result, args.out, "multi_update", args.tag or ("tiny" if args.tiny else ""),
+                     table(result))
     return 0
 
 

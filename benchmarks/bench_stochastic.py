@@ -20,7 +20,6 @@ same backend, and at least 8x faster than timm's stochastic path.  Writes
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -148,14 +147,8 @@ def main(argv=None) -> int:
     with_timm = not args.no_timm and importlib_available("timm")
     device = torch.device(args.device)
     result = run(model_names, device, args.repeats, args.warmup, with_timm)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = args.tag or ("tiny" if args.tiny else "")
-    stem = (f"stochastic_{result['machine']['device_slug']}_{result['machine']['date'][:10]}"
-            + (f"_{tag}" if tag else ""))
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    print(table(result))
-    print(f"\nwrote {out / stem}.json")
+    report.save_json(result, args.out, "stochastic", args.tag or ("tiny" if args.tiny else ""),
+                     table(result))
     return 0
 
 

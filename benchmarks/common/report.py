@@ -220,3 +220,22 @@ def write(result: dict, out_dir: str, tag: str = "") -> dict:
         f.write(table)
     return {"json": stem + ".json", "md": stem + ".md", "png": plot(result, stem + ".png"),
             "table": table}
+
+
+def save_json(result: dict, out_dir: str, name: str, tag: str = "",
+              table: Optional[str] = None) -> str:
+    """Write ``result`` as ``<name>_<device>_<date>[_tag].json`` in ``out_dir`` (made if
+    missing), and ``table`` beside it as ``.md`` when given; print the table and the path;
+    return the JSON's path.  The file name carries the device, as the results folder asks."""
+    os.makedirs(out_dir, exist_ok=True)
+    m = result["machine"]
+    stem = os.path.join(out_dir, f"{name}_{m['device_slug']}_{m['date'][:10]}"
+                                 f"{'_' + tag if tag else ''}")
+    with open(stem + ".json", "w") as f:
+        json.dump(result, f, indent=1)
+    if table is not None:
+        with open(stem + ".md", "w") as f:
+            f.write(table + "\n")
+        print(table)
+    print(f"\nwrote {stem}.json")
+    return stem + ".json"
