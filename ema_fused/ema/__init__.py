@@ -2,6 +2,7 @@
 through the op layer (``ema_fused.ops``).
 
     ema.py            the EMA class: which tensors, which decay, when; its public methods
+    plan.py           one update's pass: the cached plan of pairs and backends, _average
     tracking.py       model -> named tensors (ties, frozen params, DTensor locals, wrappers)
     model_checks.py   what a model may hold, and the checks that find a changed model
     reads.py          copy_to / store / restore / average_parameters / averaged_weights
