@@ -20,16 +20,11 @@ import torch
 from ema_fused import average_checkpoints
 
 from helpers.averaging import assert_close_to, reference
-from helpers.dist_utils import full, make_model, new_values, spawn, step_models
+from helpers.dist_utils import dcp_module, full, make_model, new_values, spawn, step_models
 from helpers.numerics import rand, seeded
 
 STEPS = (1, 2, 3)
 
-
-def _dcp():
-    import torch.distributed.checkpoint as dcp
-    warnings.filterwarnings("ignore", message=".*assuming the intent is to")  # 1-process DCP
-    return dcp
 
 
 def _full_states() -> list[dict]:
@@ -42,7 +37,7 @@ def _save_and_average(rank: int, world_size: int, root: str) -> None:
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor.debug import CommDebugMode
-    dcp = _dcp()
+    dcp = dcp_module()
     model = copy.deepcopy(make_model())
     for i in (0, 2):
         fully_shard(model[i])
@@ -111,7 +106,7 @@ def _state(gen, j: int) -> dict:
 
 def _mixed_sources(tmp_path, states: list[dict]) -> list:
     from safetensors.torch import save_file
-    _dcp().save({"model": states[0], "epoch": 0}, checkpoint_id=str(tmp_path / "d0"), no_dist=True)
+    dcp_module().save({"model": states[0], "epoch": 0}, checkpoint_id=str(tmp_path / "d0"), no_dist=True)
     save_file({f"model.{n}": t for n, t in states[1].items()}, tmp_path / "s1.safetensors")
     torch.save({"model": {f"module.{n}": t for n, t in states[2].items()}}, tmp_path / "t2.pt")
     return [tmp_path / "d0", str(tmp_path / "s1.safetensors"), tmp_path / "t2.pt",
@@ -165,7 +160,7 @@ def test_strict_lists_every_name_of_every_source_before_writing(tmp_path):
 
 
 def test_errors_name_the_source_and_the_problem(tmp_path):
-    dcp = _dcp()
+    dcp = dcp_module()
     dcp.save({"model": {"w": torch.ones(3)}, "step": 1}, checkpoint_id=str(tmp_path / "c"),
              no_dist=True)
     (tmp_path / "empty").mkdir()

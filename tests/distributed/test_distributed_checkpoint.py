@@ -7,31 +7,17 @@ process loads that into an unsharded EMA (2 -> 1).  Every comparison is bit for 
 """
 from __future__ import annotations
 
-import copy
 import os
-import warnings
 
 import torch
 
-from helpers.dist_utils import full, local, make_model, spawn, step_models
+from helpers.dist_utils import dcp_module, sharded_model, full, local, make_model, spawn, step_models
 from ema_fused import EMA, schedules
 
 K, M = 3, 3  # steps before and after the interruption
 CONFIG = dict(schedule=schedules.tau_ramp(0.9, tau=3), bias_correction=True)
 
 
-def _dcp():
-    import torch.distributed.checkpoint as dcp
-    warnings.filterwarnings("ignore", message=".*assuming the intent is to")  # 1-process DCP
-    return dcp
-
-
-def _sharded() -> torch.nn.Module:
-    from torch.distributed.fsdp import fully_shard
-    model = copy.deepcopy(make_model())
-    fully_shard(model[0])
-    fully_shard(model)
-    return model
 
 
 def _run(model, ema, steps) -> None:
@@ -49,9 +35,9 @@ def _assert_same_state(a: EMA, b: EMA) -> None:
 
 def _dcp_worker(rank: int, world_size: int, root: str) -> None:
     from torch.distributed.checkpoint.stateful import Stateful
-    dcp = _dcp()
+    dcp = dcp_module()
     # 1 -> 2: the unsharded checkpoint lands in each rank's shards
-    model, one = _sharded(), torch.load(os.path.join(root, "one.pt"), weights_only=True)
+    model, one = sharded_model(), torch.load(os.path.join(root, "one.pt"), weights_only=True)
     ema = EMA(model, **CONFIG)
     assert isinstance(ema, Stateful)
     dcp.load({"ema": ema}, checkpoint_id=os.path.join(root, "one"))
@@ -59,12 +45,12 @@ def _dcp_worker(rank: int, world_size: int, root: str) -> None:
     for name, s in ema.named_shadows():
         assert torch.equal(full(s), one["shadows"][name]), name
     # an interrupted and resumed sharded run continues exactly like an uninterrupted one
-    uninterrupted, interrupted = _sharded(), _sharded()
+    uninterrupted, interrupted = sharded_model(), sharded_model()
     ema_u, ema_i = EMA(uninterrupted, **CONFIG), EMA(interrupted, **CONFIG)
     _run(uninterrupted, ema_u, range(1, K + M + 1))
     _run(interrupted, ema_i, range(1, K + 1))
     dcp.save({"ema": ema_i}, checkpoint_id=os.path.join(root, "mid"))
-    resumed = _sharded()
+    resumed = sharded_model()
     ema_r = EMA(resumed, **CONFIG)
     dcp.load({"ema": ema_r}, checkpoint_id=os.path.join(root, "mid"))
     _assert_same_state(ema_r, ema_i)
@@ -89,7 +75,7 @@ def _dcp_worker(rank: int, world_size: int, root: str) -> None:
     # plain per-rank torch.save of the DTensor state_dict still works
     path = os.path.join(root, f"rank{rank}.pt")
     torch.save(ema_u.state_dict(), path)
-    ema_again = EMA(_sharded(), **CONFIG)
+    ema_again = EMA(sharded_model(), **CONFIG)
     ema_again.load_state_dict(torch.load(path, weights_only=True))
     _assert_same_state(ema_again, ema_u)
     ema_again.load_state_dict(one)  # a full plain checkpoint: each rank takes its shards
@@ -98,7 +84,7 @@ def _dcp_worker(rank: int, world_size: int, root: str) -> None:
 
 
 def test_dcp_reshards_across_world_sizes_and_resumes_bit_identically(tmp_path):
-    dcp = _dcp()
+    dcp = dcp_module()
     model = make_model()
     ema = EMA(model, **CONFIG)
     _run(model, ema, range(1, K + 1))

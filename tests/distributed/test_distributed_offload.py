@@ -3,31 +3,17 @@ local shards in the background, bit for bit like ``non_blocking=False``; ``dcp.s
 ``dcp.load`` of it round-trip (2 ranks -> 2 ranks, then 2 -> 1 in the test process)."""
 from __future__ import annotations
 
-import copy
 import os
-import warnings
 
 import torch
 
-from helpers.dist_utils import full, local, make_model, spawn, step_models
+from helpers.dist_utils import dcp_module, sharded_model, full, local, make_model, spawn, step_models
 from ema_fused import EMA, schedules
 
 K, M = 3, 2  # steps before and after the checkpoint
 CONFIG = dict(schedule=schedules.tau_ramp(0.9, tau=3), device="cpu")
 
 
-def _dcp():
-    import torch.distributed.checkpoint as dcp
-    warnings.filterwarnings("ignore", message=".*assuming the intent is to")  # 1-process DCP
-    return dcp
-
-
-def _sharded() -> torch.nn.Module:
-    from torch.distributed.fsdp import fully_shard
-    model = copy.deepcopy(make_model())
-    fully_shard(model[0])
-    fully_shard(model)
-    return model
 
 
 def _assert_same_state(a: EMA, b: EMA) -> None:
@@ -38,8 +24,8 @@ def _assert_same_state(a: EMA, b: EMA) -> None:
 
 
 def _worker(rank: int, world_size: int, root: str) -> None:
-    dcp = _dcp()
-    blocking, background = _sharded(), _sharded()
+    dcp = dcp_module()
+    blocking, background = sharded_model(), sharded_model()
     ema_b, ema_o = EMA(blocking, **CONFIG), EMA(background, non_blocking=True, **CONFIG)
     for step in range(1, K + 1):
         step_models([blocking, background], step)
@@ -48,7 +34,7 @@ def _worker(rank: int, world_size: int, root: str) -> None:
     _assert_same_state(ema_o, ema_b)  # waits; local shards, bit for bit
     assert all(local(s).device.type == "cpu" for _, s in ema_o.named_shadows())
     dcp.save({"ema": ema_o}, checkpoint_id=os.path.join(root, "two"))
-    resumed_model = _sharded()
+    resumed_model = sharded_model()
     step_models([resumed_model], K)
     resumed = EMA(resumed_model, non_blocking=True, **CONFIG)
     dcp.load({"ema": resumed}, checkpoint_id=os.path.join(root, "two"))
@@ -66,7 +52,7 @@ def _worker(rank: int, world_size: int, root: str) -> None:
 def test_fsdp2_offloaded_background_ema_with_dcp(tmp_path):
     spawn(_worker, 2, str(tmp_path))
     one = EMA(make_model(), non_blocking=True, **CONFIG)
-    _dcp().load({"ema": one}, checkpoint_id=str(tmp_path / "two"))
+    dcp_module().load({"ema": one}, checkpoint_id=str(tmp_path / "two"))
     expected = torch.load(tmp_path / "two_full.pt", weights_only=True)
     got = dict(one.named_shadows())
     assert set(got) == set(expected) and one.num_updates == K

@@ -9,12 +9,14 @@ module-level function of an importable module (the children import it).
 """
 from __future__ import annotations
 
+import copy
 import faulthandler
 import os
 import pickle
 import socket
 import sys
 import time
+import warnings
 from typing import Callable
 
 import torch
@@ -144,3 +146,20 @@ def local(t: torch.Tensor) -> torch.Tensor:
     """A DTensor's local shard (no communication), a plain tensor as it is."""
     from torch.distributed.tensor import DTensor
     return t.to_local() if isinstance(t, DTensor) else t
+
+
+def dcp_module():
+    """``torch.distributed.checkpoint``, with its one-process warning silenced (a test
+    that loads a checkpoint without a process group)."""
+    import torch.distributed.checkpoint as dcp
+    warnings.filterwarnings("ignore", message=".*assuming the intent is to")
+    return dcp
+
+
+def sharded_model() -> torch.nn.Module:
+    """A copy of :func:`make_model` under FSDP2: its first layer, then the whole."""
+    from torch.distributed.fsdp import fully_shard
+    model = copy.deepcopy(make_model())
+    fully_shard(model[0])
+    fully_shard(model)
+    return model
