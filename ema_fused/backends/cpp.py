@@ -37,17 +37,21 @@ def supported(a: torch.Tensor, b: torch.Tensor) -> bool:
 #: loops (two elements a word, csrc/cpu_ranges.h) against torch's 1.9-2.2.  Those pairs
 #: go to the foreach code; mixed pairs (bf16 params, fp32 shadows) stay in the kernels,
 #: one pass where torch needs a cast first.
-_TORCH_FASTER_ON_CPU = {"update": (torch.float16,), "copy": (torch.bfloat16, torch.float16)}
+def _takes_but(faster: tuple):
+    """:func:`supported`, less the CPU pairs of one dtype in ``faster``."""
+    def takes(x: torch.Tensor, y: torch.Tensor) -> bool:
+        return supported(x, y) and not (x.device.type == "cpu" and x.dtype == y.dtype
+                                        and x.dtype in faster)
+    return takes
+
+
+_KERNEL_TAKES = {"update": _takes_but((torch.float16,)),
+                 "copy": _takes_but((torch.bfloat16, torch.float16))}
 
 
 def _split(kind: str, a: Tensors, b: Tensors):
     """(kernel a, kernel b, rest a, rest b), all pairs checked when some go to the fallback."""
-    faster = _TORCH_FASTER_ON_CPU.get(kind, ())
-
-    def kernel_takes(x: torch.Tensor, y: torch.Tensor) -> bool:
-        return supported(x, y) and not (x.device.type == "cpu" and x.dtype == y.dtype
-                                        and x.dtype in faster)
-    return foreach.split_for_kernels(kind, a, b, kernel_takes)
+    return foreach.split_for_kernels(kind, a, b, _KERNEL_TAKES.get(kind, supported))
 
 
 def _kernel_update(shadows: list, params: list, weight, skip_nonfinite: bool) -> None:
