@@ -20,6 +20,7 @@ same backend, and at least 8x faster than timm's stochastic path.  Writes
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -144,17 +145,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     model_names = args.models or (list(models.TINY) if args.tiny else
                                   ["llama-1.1b", "mix500"] if gpu else ["llama-200m", "mix500"])
-    with_timm = not args.no_timm and importlib_available("timm")
+    with_timm = not args.no_timm and importlib.util.find_spec("timm") is not None
     device = torch.device(args.device)
     result = run(model_names, device, args.repeats, args.warmup, with_timm)
     report.save_json(result, args.out, "stochastic", args.tag or ("tiny" if args.tiny else ""),
                      table(result))
     return 0
-
-
-def importlib_available(name: str) -> bool:
-    import importlib.util
-    return importlib.util.find_spec(name) is not None
 
 
 if __name__ == "__main__":

@@ -29,14 +29,14 @@ def supported(a: torch.Tensor, b: torch.Tensor) -> bool:
             and b.data_ptr() % b.element_size() == 0)
 
 
-#: On the CPU, torch's own vectorised lerp and copy beat the C++ loops on pairs of one
-#: 16-bit dtype, with the same bits (fp32 math, one rounding to nearest even), except the
-#: bf16 update: for 2^24 elements on the 2-core VM, fp16 updates 1.6 ms against 8.8 (the
-#: loops' exact, branch-free fp16 conversions cost more than torch's), copies 1.5-2.3
-#: against 2.1-2.4 ms (bf16) and 1.8 against 6.7 (fp16); bf16 updates 1.5-1.8 ms in the
-#: loops (two elements a word, csrc/cpu_ranges.h) against torch's 1.9-2.2.  Those pairs
-#: go to the foreach code; mixed pairs (bf16 params, fp32 shadows) stay in the kernels,
-#: one pass where torch needs a cast first.
+# On the CPU, torch's own vectorised lerp and copy beat the C++ loops on pairs of one
+# 16-bit dtype, with the same bits (fp32 math, one rounding to nearest even), except the
+# bf16 update: for 2^24 elements on the 2-core VM, fp16 updates 1.6 ms against 8.8 (the
+# loops' exact, branch-free fp16 conversions cost more than torch's), copies 1.5-2.3
+# against 2.1-2.4 ms (bf16) and 1.8 against 6.7 (fp16); bf16 updates 1.5-1.8 ms in the
+# loops (two elements a word, csrc/cpu_ranges.h) against torch's 1.9-2.2.  Those pairs
+# go to the foreach code; mixed pairs (bf16 params, fp32 shadows) stay in the kernels,
+# one pass where torch needs a cast first.
 def _takes_but(faster: tuple):
     """:func:`supported`, less the CPU pairs of one dtype in ``faster``."""
     def takes(x: torch.Tensor, y: torch.Tensor) -> bool:

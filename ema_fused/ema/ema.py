@@ -290,13 +290,18 @@ class EMA(PlannedPass, AveragedReads, ExplicitUpdates, ShadowPlacement, BoundSha
             decay = _validate.check_scalar(
                 "EMA", f"decay from schedule {self.schedule!r} at n={step - self.update_after_step}",
                 self.schedule(step - self.update_after_step))
-        if self._offload is not None:
-            self._offload.wait()  # back-pressure: the previous update is in the shadows
-            self._updating_step = step
+        self._settle_before(step)
         self._average(0.0 if decay == 0.0 else 1.0 - decay, copy=decay == 0.0, step=step)
         self._step = step
         self._decay = decay
         self._decay_product *= decay
+
+    def _settle_before(self, step: int) -> None:
+        """Offloaded shadows: wait until the previous update is in them (back-pressure)
+        and name ``step`` as the one being averaged (background errors name it)."""
+        if self._offload is not None:
+            self._offload.wait()
+            self._updating_step = step
 
     def _update_on_device(self, step: Optional[int]) -> None:
         """The capturable update: the same rules, evaluated by device ops (no host sync)."""

@@ -49,9 +49,7 @@ class ExplicitUpdates:
             if not isinstance(source, nn.Module) and source is not None:
                 source = list(source)  # a generator (model.parameters()) is read once
             step = self._step + 1  # the update's own step (what keys stochastic rounding)
-            if self._offload is not None:
-                self._offload.wait()  # the previous background update is in the shadows
-                self._updating_step = step
+            self._settle_before(step)
             if self._is_tracked(source):
                 self._average(weight, copy, step=step)
             else:
